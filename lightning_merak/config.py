@@ -1,0 +1,153 @@
+"""One validated options object for MerakStrategy.
+
+Every option is checked here, once, before any process group or model work starts. Each error names the
+value that was wrong and says what to use instead.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+SCHEDULES = ("shifted_critical_path", "1f1b", "gpipe", "interleaved_1f1b", "zbv", "auto")
+RECOMPUTE_MODES = ("stage_aware", "none", "full")
+MEMORY_MANAGERS = ("none", "delta")
+SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
+
+ScheduleName = Literal["shifted_critical_path", "1f1b", "gpipe", "interleaved_1f1b", "zbv", "auto"]
+RecomputeOption = Union[Literal["stage_aware", "none", "full"], float]
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class MerakConfigError(ValueError):
+    """A MerakStrategy option is invalid; the message says which and what to do."""
+
+
+def parse_bytes(value: int | float | str | None, option: str = "memory_budget") -> int | None:
+    """Turn ``20GiB`` / ``1.5e9`` / ``512MB`` into bytes; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise MerakConfigError(f"{option}={value!r} is not a size; give bytes (int) or a string like '20GiB'.")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise MerakConfigError(f"{option}={value!r} must be positive (bytes per device).")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise MerakConfigError(
+            f"{option}={value!r} cannot be parsed as a size. Use bytes (e.g. 21474836480) or a number with a "
+            f"unit from {sorted(k for k in _UNITS if k)} (e.g. '20GiB', '512MB')."
+        )
+    nbytes = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if nbytes <= 0:
+        raise MerakConfigError(f"{option}={value!r} must be positive (bytes per device).")
+    return nbytes
+
+
+def _check_size(name: str, value: object, allow_auto: bool = False) -> None:
+    if allow_auto and value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        hint = "an integer >= 1 or 'auto'" if allow_auto else "an integer >= 1"
+        raise MerakConfigError(f"{name}={value!r} is invalid: give {hint}.")
+
+
+@dataclass
+class MerakConfig:
+    """The strategy's options after validation (see MerakStrategy for their meaning)."""
+
+    data_parallel_size: int | str = "auto"
+    pipeline_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    num_microbatches: int | None = None
+    pipeline_schedule: str = "shifted_critical_path"
+    partition: str | list[str] = "auto"
+    recompute: str | float = "stage_aware"
+    subtensor_chunks: int = 2
+    memory_manager: str = "none"
+    memory_budget: int | str | None = None
+    pipeline_module: str = "auto"
+    trace_dir: str | None = None
+    budget_bytes: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        _check_size("data_parallel_size", self.data_parallel_size, allow_auto=True)
+        _check_size("pipeline_parallel_size", self.pipeline_parallel_size)
+        _check_size("tensor_parallel_size", self.tensor_parallel_size)
+        _check_size("subtensor_chunks", self.subtensor_chunks)
+        if self.num_microbatches is not None:
+            _check_size("num_microbatches", self.num_microbatches)
+        if self.pipeline_schedule not in SCHEDULES:
+            raise MerakConfigError(
+                f"pipeline_schedule={self.pipeline_schedule!r} is unknown; choose one of {list(SCHEDULES)}."
+            )
+        if isinstance(self.recompute, bool) or (
+            not isinstance(self.recompute, (int, float)) and self.recompute not in RECOMPUTE_MODES
+        ):
+            raise MerakConfigError(
+                f"recompute={self.recompute!r} is unknown; choose one of {list(RECOMPUTE_MODES)} or a float in "
+                "[0, 1] (Merak's first-stage recompute ratio)."
+            )
+        if isinstance(self.recompute, (int, float)) and not 0.0 <= float(self.recompute) <= 1.0:
+            raise MerakConfigError(f"recompute={self.recompute!r}: a ratio must lie in [0, 1].")
+        if self.memory_manager not in MEMORY_MANAGERS:
+            raise MerakConfigError(
+                f"memory_manager={self.memory_manager!r} is unknown; choose one of {list(MEMORY_MANAGERS)}."
+            )
+        self.budget_bytes = parse_bytes(self.memory_budget)
+        if self.budget_bytes is not None and self.memory_manager == "none" and self.recompute != "stage_aware":
+            raise MerakConfigError(
+                f"memory_budget={self.memory_budget!r} is set but nothing uses it: set memory_manager='delta' "
+                "or recompute='stage_aware', or drop memory_budget."
+            )
+        if self.partition != "auto" and not (
+            isinstance(self.partition, (list, tuple)) and all(isinstance(p, str) for p in self.partition)
+        ):
+            raise MerakConfigError(
+                f"partition={self.partition!r} is invalid: give 'auto' or a list of module names where stages "
+                "1.. begin (e.g. ['model.transformer.h.4'])."
+            )
+        if isinstance(self.partition, (list, tuple)):
+            self.partition = list(self.partition)
+            if len(self.partition) != self.pipeline_parallel_size - 1:
+                raise MerakConfigError(
+                    f"partition lists {len(self.partition)} boundaries but pipeline_parallel_size="
+                    f"{self.pipeline_parallel_size} needs {self.pipeline_parallel_size - 1} (where stages 1.. begin)."
+                )
+
+    def resolve_world(self, world_size: int) -> tuple[int, int, int]:
+        """Return (dp, pp, tp) for ``world_size`` processes, or raise naming the mismatch."""
+        pp, tp = self.pipeline_parallel_size, self.tensor_parallel_size
+        if world_size % (pp * tp) != 0:
+            raise MerakConfigError(
+                f"world size {world_size} is not divisible by pipeline_parallel_size x tensor_parallel_size = "
+                f"{pp} x {tp} = {pp * tp}. Use a number of devices (devices x num_nodes) that is a multiple of "
+                f"{pp * tp}, or change the parallel sizes."
+            )
+        dp = world_size // (pp * tp)
+        if self.data_parallel_size != "auto" and self.data_parallel_size != dp:
+            raise MerakConfigError(
+                f"data_parallel_size={self.data_parallel_size} x pipeline_parallel_size={pp} x "
+                f"tensor_parallel_size={tp} = {self.data_parallel_size * pp * tp} does not equal the world size "
+                f"{world_size}. Set data_parallel_size='auto' (gives {dp}) or change devices/num_nodes."
+            )
+        return dp, pp, tp
+
+    def microbatches(self, pp: int) -> int:
+        """Default: 2 x pp micro-batches for pipelines (enough to fill 1F1B), 1 without a pipeline."""
+        if self.num_microbatches is not None:
+            return self.num_microbatches
+        return 1 if pp == 1 else 2 * pp
+
+
+def check_precision(precision: str) -> None:
+    """Precisions the micro-batched step supports; fp16 needs a GradScaler the pipeline step bypasses."""
+    if str(precision) not in SUPPORTED_PRECISIONS:
+        raise MerakConfigError(
+            f"precision={precision!r} is not supported by MerakStrategy: the pipelined step runs backward itself, "
+            f"so fp16 loss scaling (GradScaler) and 64-bit are not wired in. Use one of {list(SUPPORTED_PRECISIONS)}."
+        )
