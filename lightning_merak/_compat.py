@@ -40,7 +40,21 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
 
+
+
+def dcp_load_everything(folder) -> dict:
+    """Read a whole DCP folder into memory without a process group (torch offers this only privately)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return state
+
+
 __all__ = [
+    "dcp_load_everything",
     "_distributed_is_initialized",
     "_get_default_process_group_backend_for_device",
     "_init_dist_connection",
@@ -49,3 +63,9 @@ __all__ = [
     "_SubprocessScriptLauncher",
     "TrainerFn",
 ]
+
+# --- tensor parallel ----------------------------------------------------------------------------------
+# Per-head sharding of fused q|k|v weights: each rank holds the same head slice of q, of k and of v.
+from torch.distributed.tensor.placement_types import _StridedShard  # noqa: E402
+
+__all__ += ["_StridedShard"]

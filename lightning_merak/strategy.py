@@ -1,0 +1,378 @@
+"""MerakStrategy: the Lightning glue.
+
+Each hook follows the Trainer's lifecycle and calls into the mechanism packages: ``topology`` for the 3D mesh,
+``pipeline`` (partitioning, stages, schedules) for pipeline parallelism, ``tensor_parallel`` and ``memory``.
+Nothing algorithmic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from torch import Tensor
+from torch.distributed.constants import default_pg_timeout
+
+from lightning_merak import checkpoint as ckpt
+from lightning_merak import topology
+from lightning_merak._compat import (
+    TrainerFn,
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _SubprocessScriptLauncher,
+    _sync_ddp_if_available,
+)
+from lightning_merak.config import MerakConfig, MerakConfigError, check_precision
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from torch.distributed.device_mesh import DeviceMesh
+
+log = logging.getLogger(__name__)
+
+
+class MerakStrategy(ParallelStrategy):
+    """Automatic 3D parallelism (data x pipeline x tensor) for an unmodified LightningModule.
+
+    Args:
+        data_parallel_size: replicas; ``"auto"`` = world size // (pipeline x tensor sizes).
+        pipeline_parallel_size: pipeline stages; the pipelined module is cut automatically (see ``partition``).
+        tensor_parallel_size: tensor-parallel group size (layers sharded with an automatic plan).
+        num_microbatches: micro-batches per batch in the pipeline; default 2 x pipeline size (1 without a pipeline).
+        pipeline_schedule: "shifted_critical_path" (Merak), "1f1b", "gpipe", "interleaved_1f1b", "zbv" or "auto".
+        partition: "auto" or the module names (relative to the pipelined module) where stages 1.. begin.
+        recompute: "stage_aware", "none", "full", or a float: Merak's first-stage recompute ratio.
+        subtensor_chunks: sub-tensor TP overlap chunks; 1 disables the overlap.
+        memory_manager: "none" or "delta" (dynamic swap-or-recompute of saved activations).
+        memory_budget: bytes per device, or a string like "20GiB".
+        pipeline_module: attribute path of the submodule to pipeline; "auto" = the child with most parameters.
+        trace_dir: where per-rank timelines (Chrome trace JSON) of real pipeline steps are written.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for any
+            Lightning ParallelStrategy (normally filled in by the Trainer).
+        process_group_backend: "gloo" on CPU, "nccl" on GPU by default.
+        timeout: process group timeout (short values make a deadlock fail fast).
+        start_method: only "popen" (Lightning's subprocess launcher) or an external launcher (torchrun, SLURM).
+    """
+
+    strategy_name = "merak"
+
+    def __init__(
+        self,
+        data_parallel_size: Union[int, Literal["auto"]] = "auto",
+        pipeline_parallel_size: int = 1,
+        tensor_parallel_size: int = 1,
+        num_microbatches: Optional[int] = None,
+        pipeline_schedule: Literal[
+            "shifted_critical_path", "1f1b", "gpipe", "interleaved_1f1b", "zbv", "auto"
+        ] = "shifted_critical_path",
+        partition: Union[Literal["auto"], list[str]] = "auto",
+        recompute: Union[Literal["stage_aware", "none", "full"], float] = "stage_aware",
+        subtensor_chunks: int = 2,
+        memory_manager: Literal["none", "delta"] = "none",
+        memory_budget: Union[int, str, None] = None,
+        pipeline_module: str = "auto",
+        trace_dir: Optional[str] = None,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin)
+        self.config = MerakConfig(
+            data_parallel_size=data_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            tensor_parallel_size=tensor_parallel_size, num_microbatches=num_microbatches,
+            pipeline_schedule=pipeline_schedule, partition=partition, recompute=recompute,
+            subtensor_chunks=subtensor_chunks, memory_manager=memory_manager, memory_budget=memory_budget,
+            pipeline_module=pipeline_module, trace_dir=trace_dir,
+        )
+        if start_method != "popen":
+            raise MerakConfigError(
+                f"start_method={start_method!r} is not supported: Lightning's multiprocessing launcher (spawn/fork) "
+                "hands rank 0's weights back to the parent process, but under pipeline or tensor parallelism rank 0 "
+                "holds only its own stage/shard, so the model you get back would be silently incomplete. Use the "
+                "default start_method='popen' (Lightning re-runs your script per rank), or launch with torchrun/SLURM."
+            )
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._device_mesh: Optional[DeviceMesh] = None
+        self._engine: Any = None  # the parallel engine (pipeline / tensor parallel / memory), built in setup
+        self._sync_grads = True
+        self.num_nodes = 1
+
+    # ----------------------------------------------------------------------------------------- registry
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        from lightning_merak_autoload import STRATEGY_NAMES
+
+        for name, (init_params, description) in STRATEGY_NAMES.items():
+            strategy_registry.register(name, cls, description=description, override=True, **init_params)
+
+    # ----------------------------------------------------------------------------------------- topology
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    def device_mesh(self) -> "DeviceMesh":
+        if self._device_mesh is None:
+            raise RuntimeError("The Merak device mesh exists only after the process group is set up.")
+        return self._device_mesh
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """(dp, pp, tp), validated against the world size."""
+        return self.config.resolve_world(self.num_nodes * max(self.num_processes, 1))
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # every pipeline/tensor rank of one replica must draw the same samples
+        return {"num_replicas": topology.size(self._device_mesh, "dp"),
+                "rank": topology.local_rank(self._device_mesh, "dp")}
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        return self._process_group_backend
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the stage must exist before its shard of the checkpoint is loaded
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # optimizer state is loaded from the sharded checkpoint in load_checkpoint
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    def _configure_launcher(self) -> None:
+        # Validate everything that can be known before any process starts: a wrong size or precision fails
+        # here, once, in the launching process (and on each rank under an external launcher).
+        self.sizes  # noqa: B018 - raises MerakConfigError on a bad world size
+        if self.precision_plugin is not None:
+            check_precision(getattr(self.precision_plugin, "precision", "32-true"))
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        dp, pp, tp = self.sizes
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        device_id = self.root_device if self.root_device.type != "cpu" else None
+        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout, device_id=device_id)
+        self._device_mesh = topology.build_mesh(self.root_device.type, dp, pp, tp)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+        hosts = [None] * self.world_size
+        import socket
+
+        dist.all_gather_object(hosts, f"{socket.gethostname()}:{self.root_device}")
+        rank_zero_info(topology.topology_table(dp, pp, tp, hosts))
+
+    # ----------------------------------------------------------------------------------------- setup
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if self._engine is None:
+            self.model = self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            self._engine = self._build_engine(trainer)
+            topology.broadcast_module(self.lightning_module, topology.group(self._device_mesh, "dp"),
+                                      topology.size(self._device_mesh, "dp"))
+        self.barrier("merak_setup")
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self._install_clipping()
+
+    def _build_engine(self, trainer: "pl.Trainer") -> Any:
+        """Cut, shard and wrap the model for this rank; None for plain data parallelism."""
+        dp, pp, tp = self.sizes
+        if pp == 1 and tp == 1 and self.config.memory_manager == "none":
+            return None
+        from lightning_merak.engine import build_engine
+
+        return build_engine(self, trainer)
+
+    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
+        self._reset_optimizers_and_schedulers()  # re-entering setup (validate after fit) rebuilds them
+        super().setup_optimizers(trainer)
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def _install_clipping(self) -> None:
+        """Clip by the global norm over the whole model (all stages and shards), not the local one."""
+        precision = self.precision_plugin
+        if getattr(precision, "_merak_clipping", False):
+            return
+        strategy = self
+
+        def clip_grad_by_norm(optimizer: Any, clip_val: Union[int, float]) -> None:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            ckpt_groups = strategy._norm_groups()
+            from lightning_merak.gradients import clip_grad_norm_
+
+            clip_grad_norm_(params, float(clip_val), ckpt_groups)
+
+        precision.clip_grad_by_norm = clip_grad_by_norm
+        precision._merak_clipping = True
+
+    def _norm_groups(self) -> list[Any]:
+        """Groups whose parameters are disjoint shards of one model: pipeline stages and tensor shards."""
+        return [topology.group(self._device_mesh, d) for d in ("pp", "tp") if topology.size(self._device_mesh, d) > 1]
+
+    # ----------------------------------------------------------------------------------------- steps
+    def on_train_start(self) -> None:
+        if self._engine is not None:
+            self._engine.on_train_start(self.lightning_module.trainer)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._engine is not None:
+            with self.precision_plugin.train_step_context():
+                return self._engine.training_step(*args, **kwargs)
+        return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._engine is not None:
+            with self.precision_plugin.val_step_context():
+                return self._engine.eval_step("validation_step", *args, **kwargs)
+        return super().validation_step(*args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._engine is not None:
+            with self.precision_plugin.test_step_context():
+                return self._engine.eval_step("test_step", *args, **kwargs)
+        return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._engine is not None:
+            with self.precision_plugin.predict_step_context():
+                return self._engine.eval_step("predict_step", *args, **kwargs)
+        return super().predict_step(*args, **kwargs)
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Inside an accumulation window gradients stay local; they are averaged once at its end."""
+        self._sync_grads = False
+        try:
+            yield
+        finally:
+            self._sync_grads = True
+
+    def post_backward(self, closure_loss: Tensor) -> None:
+        if self._sync_grads:
+            self.sync_data_parallel_grads()
+
+    def sync_data_parallel_grads(self) -> None:
+        """Average this replica's gradients with the other data-parallel replicas."""
+        dp = topology.size(self._device_mesh, "dp")
+        if dp > 1:
+            assert self.lightning_module is not None
+            params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+            topology.allreduce_grads(params, topology.group(self._device_mesh, "dp"), dp)
+
+    # ----------------------------------------------------------------------------------------- collectives
+    def barrier(self, name: Optional[str] = None) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None,
+               reduce_op: Optional[Union[dist.ReduceOp, str]] = "mean") -> Union[Tensor, Any]:
+        """``self.log(sync_dist=True)`` reduces over the data-parallel group: pipeline/tensor ranks of one
+        replica already hold the same value."""
+        if not isinstance(tensor, Tensor) or not _distributed_is_initialized():
+            return tensor
+        if group is None:
+            group = topology.group(self._device_mesh, "dp")
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if not _distributed_is_initialized():
+            return decision
+        value = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return bool(value == self.world_size) if all else bool(value)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return {}  # the sharded weights are written by save_checkpoint straight from the module
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        return {}
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # done in load_checkpoint, shard by shard
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("MerakStrategy.save_checkpoint(storage_options=...) is not supported: checkpoints are "
+                            "written with torch.distributed.checkpoint.")
+        path = Path(self.broadcast(str(filepath)))
+        assert self.lightning_module is not None
+        ckpt.save_sharded(path, checkpoint, self.lightning_module, self.optimizers, self.is_global_zero)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        assert self.lightning_module is not None
+        return ckpt.load(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            ckpt.remove(Path(filepath))
+
+    # ----------------------------------------------------------------------------------------- teardown
+    def teardown(self) -> None:
+        if self._engine is not None:
+            self._engine.teardown()
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()

@@ -1,0 +1,243 @@
+"""ParallelStyles for column/row-parallel layers with Merak's sub-tensor overlap.
+
+Parameters stay DTensors (so ``get_model_state_dict`` and DCP see original names and full shapes); the forward
+runs on ``.to_local()`` shards inside custom autograd Functions that own the collectives:
+
+- column-parallel: forward needs no communication; backward all-reduces the input gradient.
+- row-parallel: forward all-reduces the partial output; backward needs no communication.
+
+With ``chunks = k > 1`` the communicating direction splits the batch (dim 0) into k sub-tensors, starts each
+chunk's all-reduce asynchronously (``async_op=True``) and computes the next chunk meanwhile, waiting only
+before the concatenation (Merak's sub-pipelined TP, level 1, with k chunks instead of 2). Rows of a matmul
+are independent, so the result equals k = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MethodType
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from lightning_merak._compat import _StridedShard
+
+
+def _chunks(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    return x.chunk(max(1, min(k, x.shape[0]))) if x.dim() > 0 else (x,)
+
+
+def _chunked_all_reduce(compute, x: torch.Tensor, k: int, group) -> torch.Tensor:
+    """``cat([all_reduce(compute(c)) for c in x.chunk(k)])``, chunk i's all-reduce overlapping chunk i+1's compute."""
+    outs, works = [], []
+    for c in _chunks(x, k):
+        y = compute(c).contiguous()
+        works.append(dist.all_reduce(y, group=group, async_op=True))
+        outs.append(y)
+    for w in works:
+        w.wait()
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class _ColumnParallelMatmul(torch.autograd.Function):
+    """``x @ w`` with ``w`` column-sharded; backward all-reduces ``grad_x`` chunk by chunk, overlapped."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, group, k):  # w: (in, out_local)
+        ctx.save_for_backward(x, w)
+        ctx.group, ctx.k, ctx.has_bias = group, k, b is not None
+        y = x.reshape(-1, x.shape[-1]) @ w
+        if b is not None:
+            y = y + b
+        return y.view(*x.shape[:-1], w.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            wt = w.t()
+            gx = _chunked_all_reduce(lambda g: g @ wt, gy, ctx.k, ctx.group)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gw = x.reshape(-1, x.shape[-1]).t() @ gy2
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        return gx, gw, gb, None, None
+
+
+class _RowParallelMatmul(torch.autograd.Function):
+    """``all_reduce(x @ w)`` with ``w`` row-sharded; the all-reduce runs per batch chunk, overlapped."""
+
+    @staticmethod
+    def forward(ctx, x, w, group, k):  # x: (..., in_local), w: (in_local, out)
+        ctx.save_for_backward(x, w)
+        lead = x.shape[:-1]
+        y = _chunked_all_reduce(lambda c: c.reshape(-1, c.shape[-1]) @ w, x, k, group)
+        return y.view(*lead, w.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gx = gw = None
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.needs_input_grad[0]:
+            gx = (gy2 @ w.t()).view(*x.shape)
+        if ctx.needs_input_grad[1]:
+            gw = x.reshape(-1, x.shape[-1]).t() @ gy2
+        return gx, gw, None, None
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placement) -> None:
+    param = getattr(module, name, None)
+    if param is None or isinstance(param, DTensor):
+        return
+    module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [placement]),
+                                                 requires_grad=param.requires_grad))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """HF's ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _weight_in_out(module: nn.Module) -> torch.Tensor:
+    """The local weight as (in, out); ``nn.Linear`` stores (out, in), ``Conv1D`` stores (in, out)."""
+    w = _local(module.weight)
+    return w if _is_conv1d(module) else w.t()
+
+
+class ColumnParallel(ParallelStyle):
+    """Output features sharded; ``fused=3`` shards each of q|k|v per head (a strided shard of the fused weight).
+
+    Input: the replicated activation (plain tensor). Output: this rank's slice of the features (plain tensor).
+    """
+
+    def __init__(self, chunks: int = 2, fused: int = 1) -> None:
+        super().__init__()
+        self.chunks, self.fused = chunks, fused
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        out_dim = 1 if _is_conv1d(module) else 0
+        weight_pl = Shard(out_dim) if self.fused == 1 else _StridedShard(out_dim, split_factor=self.fused)
+        bias_pl = Shard(0) if self.fused == 1 else _StridedShard(0, split_factor=self.fused)
+        _distribute(module, "weight", device_mesh, weight_pl)
+        _distribute(module, "bias", device_mesh, bias_pl)
+        group, k = device_mesh.get_group(), self.chunks
+
+        def forward(self_: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            bias = _local(self_.bias) if self_.bias is not None else None
+            return _ColumnParallelMatmul.apply(x, _weight_in_out(self_), bias, group, k)
+
+        module.forward = MethodType(forward, module)
+        return module
+
+    def __repr__(self) -> str:
+        return f"ColumnParallel(chunks={self.chunks}, fused={self.fused})"
+
+
+class RowParallel(ParallelStyle):
+    """Input features sharded; the partial outputs are all-reduced (sub-tensor overlapped), then the bias added."""
+
+    def __init__(self, chunks: int = 2) -> None:
+        super().__init__()
+        self.chunks = chunks
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _distribute(module, "weight", device_mesh, Shard(0 if _is_conv1d(module) else 1))
+        _distribute(module, "bias", device_mesh, Replicate())
+        group, k = device_mesh.get_group(), self.chunks
+
+        def forward(self_: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            y = _RowParallelMatmul.apply(x, _weight_in_out(self_), group, k)
+            return y + _local(self_.bias) if self_.bias is not None else y
+
+        module.forward = MethodType(forward, module)
+        return module
+
+    def __repr__(self) -> str:
+        return f"RowParallel(chunks={self.chunks})"
+
+
+class MultiheadAttentionParallel(ParallelStyle):
+    """``nn.MultiheadAttention``: heads split across ranks (column-parallel fused in-projection, row-parallel out).
+
+    ``F.multi_head_attention_forward`` derives the head size from the full ``embed_dim``, so a sharded module
+    cannot use it; this style installs an equivalent forward over the local heads (dropout via SDPA).
+    """
+
+    def __init__(self, chunks: int = 2) -> None:
+        super().__init__()
+        self.chunks = chunks
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not module._qkv_same_embed_dim or module.bias_k is not None:
+            raise NotImplementedError(f"tensor parallel nn.MultiheadAttention needs kdim == vdim == embed_dim and "
+                                      f"add_bias_kv=False; got {module}")
+        _distribute(module, "in_proj_weight", device_mesh, _StridedShard(0, split_factor=3))
+        _distribute(module, "in_proj_bias", device_mesh, _StridedShard(0, split_factor=3))
+        RowParallel(self.chunks)._apply(module.out_proj, device_mesh)
+        module.local_num_heads = module.num_heads // device_mesh.size()
+        group, k = device_mesh.get_group(), self.chunks
+        module.forward = MethodType(_make_mha_forward(group, k), module)
+        return module
+
+    def __repr__(self) -> str:
+        return f"MultiheadAttentionParallel(chunks={self.chunks})"
+
+
+def _make_mha_forward(group, k: int):
+    def forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        w = _local(self.in_proj_weight)
+        b = _local(self.in_proj_bias) if self.in_proj_bias is not None else None
+        wq, wk, wv = w.chunk(3)
+        bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
+        heads = self.local_num_heads
+        head_dim = self.head_dim
+
+        def project(x, w_, b_):
+            y = _ColumnParallelMatmul.apply(x, w_.t(), b_, group, k)
+            return y.view(*x.shape[:2], heads, head_dim).transpose(1, 2)
+
+        q, kk, v = project(query, wq, bq), project(key, wk, bk), project(value, wv, bv)
+        mask = _merge_masks(attn_mask, key_padding_mask, q.dtype)
+        causal = is_causal and mask is None
+        out = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, is_causal=causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(*query.shape[:2], heads * head_dim)
+        out = self.out_proj(out)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+    return forward
+
+
+def _merge_masks(attn_mask, key_padding_mask, dtype) -> torch.Tensor | None:
+    """MHA's masks (bool True = masked out, or additive float) as one additive float mask for SDPA."""
+    def additive(m):
+        if m is None:
+            return None
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, -math.inf)
+        return m.to(dtype)
+
+    mask = additive(attn_mask)
+    if mask is not None and mask.dim() == 3:  # (batch * heads, L, S) is not supported across ranks
+        raise NotImplementedError("tensor parallel nn.MultiheadAttention supports 2-D attn_mask only")
+    if key_padding_mask is not None:
+        kpm = additive(key_padding_mask)[:, None, None, :]
+        mask = kpm if mask is None else mask + kpm
+    return mask

@@ -1,0 +1,109 @@
+"""The 3D device mesh (dp, pp, tp) and the rank helpers the rest of the package uses.
+
+Rank layout: tp is the innermost dimension (adjacent ranks, the fastest links on a node), then pp, then dp,
+as in Megatron-LM and Merak. Global rank = (dp_rank * pp + pp_rank) * tp + tp_rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("dp", "pp", "tp")
+
+
+@dataclass(frozen=True)
+class Coordinate:
+    """Where one global rank sits in the 3D mesh."""
+
+    rank: int
+    dp: int
+    pp: int
+    tp: int
+
+
+def coordinate(rank: int, dp: int, pp: int, tp: int) -> Coordinate:
+    """Inverse of the rank layout above (pure, so it can be printed for every rank without communicating)."""
+    if not 0 <= rank < dp * pp * tp:
+        raise ValueError(f"rank {rank} is outside a {dp}x{pp}x{tp} mesh")
+    return Coordinate(rank=rank, dp=rank // (pp * tp), pp=(rank // tp) % pp, tp=rank % tp)
+
+
+def build_mesh(device_type: str, dp: int, pp: int, tp: int) -> DeviceMesh:
+    """Create the (dp, pp, tp) mesh over the already initialised default process group."""
+    return init_device_mesh(device_type, (dp, pp, tp), mesh_dim_names=MESH_DIMS)
+
+
+def topology_table(dp: int, pp: int, tp: int, hosts: list[str] | None = None) -> str:
+    """A printable table: which global rank holds which (dp, pp, tp) coordinate."""
+    lines = [f"Merak process topology: dp={dp} x pp={pp} x tp={tp} = {dp * pp * tp} processes",
+             f"{'rank':>5} {'dp':>3} {'pp':>3} {'tp':>3}" + ("  host" if hosts else "")]
+    for r in range(dp * pp * tp):
+        c = coordinate(r, dp, pp, tp)
+        lines.append(f"{r:>5} {c.dp:>3} {c.pp:>3} {c.tp:>3}" + (f"  {hosts[r]}" if hosts else ""))
+    return "\n".join(lines)
+
+
+def group(mesh: DeviceMesh | None, dim: str) -> dist.ProcessGroup | None:
+    """The process group of one mesh dimension (None without a mesh: single process)."""
+    if mesh is None:
+        return None
+    return mesh[dim].get_group()
+
+
+def size(mesh: DeviceMesh | None, dim: str) -> int:
+    return 1 if mesh is None else mesh[dim].size()
+
+
+def local_rank(mesh: DeviceMesh | None, dim: str) -> int:
+    return 0 if mesh is None else mesh[dim].get_local_rank()
+
+
+def allreduce_grads(params: list[torch.nn.Parameter], grp: dist.ProcessGroup | None, world: int,
+                    bucket_bytes: int = 25 * 2**20) -> None:
+    """Average gradients over a data-parallel group, in flat buckets per dtype (DDP-style, after backward).
+
+    DTensor gradients (tensor parallel) are reduced through their local shard: each tp rank averages its own
+    shard with the same shard of the other replicas.
+    """
+    if world <= 1:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        grads.append(g._local_tensor if hasattr(g, "_local_tensor") else g)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for tensors in by_dtype.values():
+        bucket: list[torch.Tensor] = []
+        nbytes = 0
+        for t in tensors + [None]:
+            if t is not None:
+                bucket.append(t)
+                nbytes += t.numel() * t.element_size()
+            if bucket and (t is None or nbytes >= bucket_bytes):
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, group=grp)
+                flat.div_(world)
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket, nbytes = [], 0
+
+
+def broadcast_module(module: torch.nn.Module, grp: dist.ProcessGroup | None, world: int) -> None:
+    """Make every data-parallel replica start from the same weights (those of dp rank 0), as DDP does."""
+    if world <= 1 or grp is None:
+        return
+    src = dist.get_global_rank(grp, 0)
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            local = t._local_tensor if hasattr(t, "_local_tensor") else t
+            dist.broadcast(local.data, src=src, group=grp)
