@@ -32,14 +32,15 @@ def _check_versions() -> None:
 _check_versions()
 
 # --- Lightning private pieces -------------------------------------------------------------------------
-from lightning.fabric.utilities.distributed import _distributed_is_initialized  # noqa: E402
-from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device  # noqa: E402
-from lightning.fabric.utilities.distributed import _init_dist_connection  # noqa: E402
-from lightning.fabric.utilities.distributed import _sync_ddp_if_available  # noqa: E402
+from lightning.fabric.utilities.distributed import (  # noqa: E402
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher  # noqa: E402
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
-
 
 
 def dcp_load_everything(folder) -> dict:

@@ -37,17 +37,23 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
 
 
-def _optimizer_entry(module: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
-    """Optimizer state keyed by parameter name, with per-parameter group membership (see module docstring)."""
+def _optimizer_entry(module: torch.nn.Module, optimizer: Any, stage: int = 0) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name, with per-parameter group membership and position (see module
+    docstring). The position (pipeline stage, index in the stage's module order) restores the parameter order
+    of the whole model when the checkpoint is consolidated."""
     opt = _unwrap(optimizer)
     sd = get_optimizer_state_dict(module, opt)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     group_of = {name: i for i, g in enumerate(sd["param_groups"]) for name in g["params"]}
-    return {"state": sd["state"], "group_of": group_of, "groups": groups}
+    module_order = {name: i for i, (name, _) in enumerate(module.named_parameters())}
+    position = {name: [stage, module_order.get(name, -1)] for name in group_of}
+    return {"state": sd["state"], "group_of": group_of, "groups": groups, "position": position}
+
+
 
 
 def save_sharded(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module, optimizers: list[Any],
-                 is_rank_zero: bool) -> None:
+                 is_rank_zero: bool, stage: int = 0) -> None:
     """Write ``checkpoint`` (Lightning's dict) as a DCP folder; weights and optimizer state come from the live
     module and optimizers so each rank contributes exactly what it holds."""
     if path.is_file():
@@ -58,7 +64,7 @@ def save_sharded(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module
     checkpoint.pop("optimizer_states", None)
     state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}
     for i, opt in enumerate(optimizers):
-        state[f"optimizer_{i}"] = _optimizer_entry(module, opt)
+        state[f"optimizer_{i}"] = _optimizer_entry(module, opt, stage)
     dcp.save(state, checkpoint_id=path, no_dist=not _distributed_is_initialized())
     if is_rank_zero:
         torch.save(checkpoint, path / META_FILE)
@@ -104,7 +110,7 @@ def _load_full_file(path: Path, module: torch.nn.Module, optimizers: list[Any], 
     set_model_state_dict(module, {k: full[k] for k in local if k in full},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=strict))
     opt_states = checkpoint.get("optimizer_states", [])
-    for opt, opt_sd in zip(optimizers, opt_states):
+    for opt, opt_sd in zip(optimizers, opt_states, strict=False):
         named = positional_to_named(opt_sd, checkpoint.get("merak_param_order"))
         if named is not None:
             _restore_optimizer(module, opt, _restrict(named, local))
@@ -115,6 +121,11 @@ def _restrict(entry: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
     keep = {n for n in entry["group_of"] if n in local}
     return {"state": {n: s for n, s in entry["state"].items() if n in keep},
             "group_of": {n: g for n, g in entry["group_of"].items() if n in keep}, "groups": entry["groups"]}
+
+
+def parameter_order(entry: dict[str, Any]) -> list[str]:
+    """Names in the order one process registers them: stage by stage, module order within a stage."""
+    return sorted(entry["position"], key=lambda n: tuple(entry["position"][n]))
 
 
 def named_to_positional(entry: dict[str, Any], param_order: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -152,12 +163,11 @@ def consolidate(folder: Path, output: Path) -> Path:
     raw = dcp_load_everything(folder)
     meta = torch.load(folder / META_FILE, map_location="cpu", weights_only=False)
     state_dict = raw["state_dict"]
-    param_order = list(state_dict.keys())
     out: dict[str, Any] = {**meta, "state_dict": state_dict}
     optimizer_states = []
     i = 0
     while f"optimizer_{i}" in raw:
-        positional, order = named_to_positional(raw[f"optimizer_{i}"], param_order)
+        positional, order = named_to_positional(raw[f"optimizer_{i}"], parameter_order(raw[f"optimizer_{i}"]))
         optimizer_states.append(positional)
         out["merak_param_order"] = order
         i += 1

@@ -85,7 +85,7 @@ class MerakStrategy(ParallelStrategy):
         memory_budget: Union[int, str, None] = None,
         pipeline_module: str = "auto",
         trace_dir: Optional[str] = None,
-        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        accelerator: Optional[pl.accelerators.Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -141,7 +141,7 @@ class MerakStrategy(ParallelStrategy):
         return True
 
     @property
-    def device_mesh(self) -> "DeviceMesh":
+    def device_mesh(self) -> DeviceMesh:
         if self._device_mesh is None:
             raise RuntimeError("The Merak device mesh exists only after the process group is set up.")
         return self._device_mesh
@@ -204,7 +204,7 @@ class MerakStrategy(ParallelStrategy):
         rank_zero_info(topology.topology_table(dp, pp, tp, hosts))
 
     # ----------------------------------------------------------------------------------------- setup
-    def setup(self, trainer: "pl.Trainer") -> None:
+    def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         if self._engine is None:
@@ -221,7 +221,7 @@ class MerakStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self._install_clipping()
 
-    def _build_engine(self, trainer: "pl.Trainer") -> Any:
+    def _build_engine(self, trainer: pl.Trainer) -> Any:
         """Cut, shard and wrap the model for this rank; None for plain data parallelism."""
         dp, pp, tp = self.sizes
         if pp == 1 and tp == 1 and self.config.memory_manager == "none":
@@ -230,7 +230,7 @@ class MerakStrategy(ParallelStrategy):
 
         return build_engine(self, trainer)
 
-    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
         self._reset_optimizers_and_schedulers()  # re-entering setup (validate after fit) rebuilds them
         super().setup_optimizers(trainer)
 
@@ -357,7 +357,8 @@ class MerakStrategy(ParallelStrategy):
                             "written with torch.distributed.checkpoint.")
         path = Path(self.broadcast(str(filepath)))
         assert self.lightning_module is not None
-        ckpt.save_sharded(path, checkpoint, self.lightning_module, self.optimizers, self.is_global_zero)
+        ckpt.save_sharded(path, checkpoint, self.lightning_module, self.optimizers, self.is_global_zero,
+                          stage=topology.local_rank(self._device_mesh, "pp"))
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))

@@ -1,0 +1,327 @@
+"""Which module gets which tensor-parallel style: the ``TPPlan``.
+
+Two sources, in order: a transformers model's own plan (``model.tp_plan``, built from
+``config.base_model_tp_plan``), else automatic detection from one eager forward (Merak §9 matched layers by
+name or by in:out ratio per model family; data flow needs no per-family table):
+
+- a linear layer A (``nn.Linear`` or HF ``Conv1D``) whose output reaches linear layer B's input only through
+  element-wise, reshaping or attention operations makes a column-parallel (A) / row-parallel (B) pair;
+- A's output split into n equal parts before use (GPT-2's fused q|k|v) is sharded per part (``colwise_fused``);
+- the token embedding and an output head of the vocabulary's size are vocabulary-parallel, the head's
+  logits gathered so that any loss stays correct;
+- ``nn.MultiheadAttention`` is split by heads as one unit.
+
+The plan is pure data: printable (``.table()``), checked for divisibility against the TP size here, with
+clear errors, before any process group exists.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_merak.tensor_parallel.styles import _is_conv1d
+
+#: style names a plan may hold; ``apply_tensor_parallel`` maps each to a ParallelStyle
+STYLES = ("colwise", "colwise_fused", "rowwise", "embedding_vocab", "head_vocab_gather", "mha_heads")
+
+#: transformers' style names (``config.base_model_tp_plan`` / ``_tp_plan``) that we translate
+_HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "colwise_gather_output": "head_vocab_gather",
+              "embedding_rowwise": "embedding_vocab", "packed_colwise": "colwise_fused"}
+
+#: module attributes holding a head count or a head-count-derived width, divided by t on the attention module
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "n_head", "n_heads", "split_size",
+              "all_head_size", "inner_dim")
+
+
+@dataclass
+class TPPlan:
+    """FQN → style name, with the per-module attribute changes the sharding implies."""
+
+    tp_size: int
+    styles: dict[str, str]
+    fused: dict[str, int] = field(default_factory=dict)  # colwise_fused FQN → number of packed parts
+    attributes: dict[str, dict[str, int]] = field(default_factory=dict)  # FQN → {attr: local value}
+    source: str = "auto"  # "hf" (the model's own plan) or "auto" (detected)
+
+    def table(self) -> str:
+        width = max([len(k) for k in self.styles] + [6])
+        lines = [f"TP plan (tp={self.tp_size}, source={self.source})", f"{'module':<{width}}  style"]
+        for fqn, style in self.styles.items():
+            extra = f" ×{self.fused[fqn]}" if fqn in self.fused else ""
+            lines.append(f"{fqn:<{width}}  {style}{extra}")
+        for fqn, attrs in self.attributes.items():
+            lines.append(f"{fqn:<{width}}  set " + ", ".join(f"{a}={v}" for a, v in attrs.items()))
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def tp_plan_for(module: nn.Module, tp_size: int, example_inputs: tuple | dict | None = None) -> TPPlan:
+    """The model's TP plan: its transformers plan if it has one, else detected from a forward on example inputs."""
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    styles, fused = _hf_plan(module)
+    source = "hf"
+    if not styles:
+        styles, fused = _detect_plan(module, example_inputs)
+        source = "auto"
+    if not styles:
+        raise ValueError(f"{type(module).__name__} has nothing to shard for tensor parallelism: no transformers "
+                         "tp plan, no linear pair (column → row) connected by element-wise or attention operations, "
+                         "no vocabulary embedding/head and no nn.MultiheadAttention. Use tensor_parallel_size=1.")
+    plan = TPPlan(tp_size, styles, fused, source=source)
+    plan.attributes = _validate_and_attributes(module, plan)
+    return plan
+
+
+# ---- transformers' own plan ----------------------------------------------------------------------------
+
+def _hf_plan(module: nn.Module) -> tuple[dict[str, str], dict[str, int]]:
+    """Expand the outermost transformers models' ``tp_plan`` (wildcards) into concrete FQNs of ``module``."""
+    import re
+
+    styles: dict[str, str] = {}
+    fused: dict[str, int] = {}
+    names = dict(module.named_modules())
+    done: list[str] = []
+    for prefix, sub in names.items():
+        plan = getattr(sub, "tp_plan", None) if hasattr(sub, "config") else None
+        if not isinstance(plan, dict) or not plan or any(prefix.startswith(p) for p in done):
+            continue
+        base = f"{prefix}." if prefix else ""
+        done.append(base)
+        for pattern, hf_style in plan.items():
+            if hf_style not in _HF_STYLES:
+                raise NotImplementedError(f"transformers tp style {hf_style!r} (for {pattern!r}) is not supported; "
+                                          f"supported: {sorted(_HF_STYLES)}")
+            regex = re.compile("^" + re.escape(base + pattern).replace(r"\*", r"\d+") + "$")
+            for fqn in names:
+                if regex.match(fqn):
+                    styles[fqn] = _HF_STYLES[hf_style]
+                    if hf_style == "packed_colwise":
+                        fused[fqn] = 2
+    return styles, fused
+
+
+# ---- automatic detection --------------------------------------------------------------------------------
+
+_PROPAGATE = {
+    "view", "reshape", "transpose", "permute", "contiguous", "split", "chunk", "unbind", "getitem", "flatten",
+    "unflatten", "expand", "expand_as", "repeat_interleave", "squeeze", "unsqueeze", "to", "float", "half",
+    "bfloat16", "type", "type_as", "clone", "narrow", "select", "cat", "add", "radd", "iadd", "sub", "rsub",
+    "isub", "mul", "rmul", "imul", "div", "truediv", "rtruediv", "itruediv", "neg", "pow", "exp", "tanh",
+    "sigmoid", "relu", "gelu", "silu", "softmax", "dropout", "matmul", "bmm", "baddbmm", "masked_fill", "where",
+    "clamp", "scaled_dot_product_attention", "erf", "sqrt",
+}
+
+
+class _FlowTracer(TorchFunctionMode):
+    """Labels every tensor with the linear layers whose output reaches it through ``_PROPAGATE`` operations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels: dict[int, tuple[torch.Tensor, frozenset]] = {}
+        self.direct: dict[int, str] = {}  # id of a linear layer's output tensor → the layer
+        self.splits: dict[str, int] = {}  # layer → parts its direct output was split into
+
+    def label(self, t) -> frozenset:
+        hit = self.labels.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return hit[1] if hit is not None and hit[0] is t else frozenset()
+
+    def set(self, t: torch.Tensor, labels: frozenset) -> None:
+        self.labels[id(t)] = (t, labels)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "").strip("_")
+        if name.endswith("_") and name[:-1] in _PROPAGATE:
+            name = name[:-1]
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        labels = frozenset().union(*(self.label(t) for t in tensors))
+        if not labels or name not in _PROPAGATE:
+            return out
+        # a parameter-dependent operand without a label (a residual stream) mixes full features in: stop here
+        if any(not self.label(t) and t.requires_grad and t.numel() > 1 for t in tensors):
+            return out
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if name in ("split", "chunk") and tensors and id(tensors[0]) in self.direct and len(outs) > 1:
+            src = tensors[0]
+            if all(o.shape[-1] * len(outs) == src.shape[-1] for o in outs):
+                self.splits[self.direct[id(src)]] = len(outs)
+        for t in outs:
+            self.set(t, labels)
+        return out
+
+
+def _linears(module: nn.Module) -> dict[str, nn.Module]:
+    mhas = [n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    return {n: m for n, m in module.named_modules()
+            if (isinstance(m, nn.Linear) or _is_conv1d(m)) and not any(n.startswith(p + ".") for p in mhas)}
+
+
+def _detect_plan(module: nn.Module, example_inputs) -> tuple[dict[str, str], dict[str, int]]:
+    linears = _linears(module)
+    tracer = _FlowTracer()
+    edges: set[tuple[str, str]] = set()
+    handles = []
+    for fqn, lin in linears.items():
+        def pre(_m, args, fqn=fqn):
+            if args and isinstance(args[0], torch.Tensor):
+                edges.update((src, fqn) for src in tracer.label(args[0]))
+
+        def post(_m, _args, out, fqn=fqn):
+            tracer.set(out, frozenset([fqn]))
+            tracer.direct[id(out)] = fqn
+
+        handles += [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post)]
+    args, kwargs = _example_inputs(module, example_inputs)
+    try:
+        with tracer, torch.enable_grad():
+            module(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+    cols = {a for a, _ in edges}
+    rows = {b for _, b in edges}
+    both = cols & rows  # a layer on both ends of pairs (stacked linears without a norm) is left replicated
+    styles: dict[str, str] = {}
+    for fqn in linears:  # keep module order
+        if fqn in cols and fqn not in both and all(b not in both for a, b in edges if a == fqn):
+            styles[fqn] = "colwise_fused" if tracer.splits.get(fqn, 1) > 1 else "colwise"
+        elif fqn in rows and fqn not in both and all(a not in both for a, b in edges if b == fqn):
+            styles[fqn] = "rowwise"
+    fused = {f: tracer.splits[f] for f, s in styles.items() if s == "colwise_fused"}
+    for fqn, m in module.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            styles[fqn] = "mha_heads"
+    styles.update(_vocab_styles(module, linears, styles))
+    return styles, fused
+
+
+def _vocab_size(module: nn.Module) -> int | None:
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        if isinstance(getattr(config, "vocab_size", None), int):
+            return config.vocab_size
+        if isinstance(getattr(m, "vocab_size", None), int):
+            return m.vocab_size
+    return None
+
+
+def _vocab_styles(module: nn.Module, linears: dict[str, nn.Module], styles: dict[str, str]) -> dict[str, str]:
+    """Token embedding(s) and the output head of the vocabulary's size: vocabulary-parallel."""
+    vocab = _vocab_size(module)
+    embeddings = {n: m for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
+    if vocab is None and embeddings:
+        vocab = max(m.num_embeddings for m in embeddings.values())
+    if vocab is None:
+        return {}
+    out = {n: "embedding_vocab" for n, m in embeddings.items() if m.num_embeddings == vocab}
+    for n, lin in linears.items():
+        features = lin.nf if _is_conv1d(lin) else lin.out_features
+        if n not in styles and features == vocab:
+            out[n] = "head_vocab_gather"
+    return out
+
+
+def _example_inputs(module: nn.Module, example_inputs) -> tuple[tuple, dict]:
+    """The inputs given, or small ones built from the model's config / signature (token ids, pixel values)."""
+    if isinstance(example_inputs, dict):
+        return (), example_inputs
+    if example_inputs is not None:
+        return (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    config = next((m.config for m in module.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+    params = inspect.signature(module.forward).parameters
+    if config is not None and "pixel_values" in params:
+        size = config.image_size
+        return (), {"pixel_values": torch.randn(2, config.num_channels, size, size, device=device)}
+    vocab = _vocab_size(module) or min((m.num_embeddings for m in module.modules() if isinstance(m, nn.Embedding)),
+                                       default=None)
+    if vocab is None:
+        raise ValueError(f"cannot guess example inputs for {type(module).__name__}: pass example_inputs= "
+                         "(a tuple of positional inputs or a dict of keyword inputs) to tp_plan_for")
+    if config is not None:
+        return (), {"input_ids": torch.randint(0, vocab, (2, 8), device=device)}
+    required = [p for p in params.values() if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return tuple(torch.randint(0, vocab, (2, 8), device=device) for _ in required), {}
+
+
+# ---- checks and attribute changes ----------------------------------------------------------------------
+
+def _head_owner(names: dict[str, nn.Module], fqn: str) -> tuple[str, nn.Module] | None:
+    parts = fqn.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        owner = ".".join(parts[:i])
+        m = names.get(owner)
+        if m is not None and any(isinstance(getattr(m, a, None), int) for a in HEAD_ATTRS[:5]):
+            return owner, m
+    return None
+
+
+def _head_dim(owner: nn.Module) -> int | None:
+    for attr in ("head_dim", "attention_head_size"):
+        if isinstance(getattr(owner, attr, None), int):
+            return getattr(owner, attr)
+    heads = next((getattr(owner, a) for a in HEAD_ATTRS[:5] if isinstance(getattr(owner, a, None), int)), None)
+    width = getattr(owner, "embed_dim", None)
+    return width // heads if heads and isinstance(width, int) else None
+
+
+def _validate_and_attributes(module: nn.Module, plan: TPPlan) -> dict[str, dict[str, int]]:
+    """Raise on shapes that ``plan.tp_size`` does not divide; return the head attributes to set locally."""
+    t = plan.tp_size
+    names = dict(module.named_modules())
+    owners: dict[str, nn.Module] = {}
+    for fqn, style in plan.styles.items():
+        m = names[fqn]
+        if style == "mha_heads":
+            if m.num_heads % t:
+                raise ValueError(f"{fqn}: {m.num_heads} attention heads are not divisible by tensor_parallel_size={t}")
+            continue
+        if style == "embedding_vocab" or style == "head_vocab_gather":
+            size = m.num_embeddings if isinstance(m, nn.Embedding) else (m.nf if _is_conv1d(m) else m.out_features)
+            if size % t:
+                raise ValueError(
+                    f"{fqn}: vocabulary of {size} is not divisible by tensor_parallel_size={t}. Pad it, e.g. "
+                    f"model.resize_token_embeddings(new_size, pad_to_multiple_of={t}) for a transformers model "
+                    "(the extra rows are never targets), or use a tensor_parallel_size that divides it.")
+            continue
+        out_features = m.nf if _is_conv1d(m) else m.out_features
+        in_features = m.nx if _is_conv1d(m) else m.in_features
+        if style == "rowwise":
+            if in_features % t:
+                raise ValueError(f"{fqn}: {in_features} input features are not divisible by tensor_parallel_size={t}")
+            continue
+        parts = plan.fused.get(fqn, 1)
+        owner = _head_owner(names, fqn)
+        head_dim = _head_dim(owner[1]) if owner else None
+        if owner and head_dim:
+            heads = out_features // parts // head_dim
+            if heads % t:
+                kind = "key-value heads" if heads != _first_int(owner[1], ("num_heads", "num_attention_heads",
+                                                                             "n_head", "n_heads")) else "heads"
+                raise ValueError(f"{fqn}: {heads} attention {kind} (head_dim {head_dim}) are not divisible by "
+                                 f"tensor_parallel_size={t}; choose a tensor_parallel_size that divides {heads}")
+            owners[owner[0]] = owner[1]
+        elif out_features % (parts * t):
+            raise ValueError(f"{fqn}: {out_features} output features are not divisible by tensor_parallel_size={t}")
+    attributes = {}
+    for fqn, owner in owners.items():
+        attrs = {a: getattr(owner, a) // t for a in HEAD_ATTRS if isinstance(getattr(owner, a, None), int)}
+        if attrs:
+            attributes[fqn] = attrs
+    return attributes
+
+
+def _first_int(m: nn.Module, attrs: tuple[str, ...]) -> int | None:
+    return next((getattr(m, a) for a in attrs if isinstance(getattr(m, a, None), int)), None)

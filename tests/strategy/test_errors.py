@@ -1,0 +1,70 @@
+"""Bad input fails at Trainer construction, in the launching process, before any process or work starts."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_merak import MerakConfigError, MerakStrategy
+from lightning_merak.config import parse_bytes
+
+
+def _trainer(strategy, **kwargs):
+    return pl.Trainer(strategy=strategy, accelerator="cpu", logger=False, **kwargs)
+
+
+def test_world_not_divisible_by_pp_times_tp():
+    with pytest.raises(MerakConfigError, match=r"world size 3 is not divisible by .* 2 x 1 = 2"):
+        _trainer(MerakStrategy(pipeline_parallel_size=2), devices=3)
+
+
+def test_explicit_dp_size_mismatch():
+    with pytest.raises(MerakConfigError, match=r"data_parallel_size=4 .* does not equal the world size 2"):
+        _trainer(MerakStrategy(data_parallel_size=4), devices=2)
+
+
+@pytest.mark.parametrize("option", ["pipeline_parallel_size", "tensor_parallel_size", "data_parallel_size",
+                                    "subtensor_chunks", "num_microbatches"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_sizes_below_one(option, value):
+    with pytest.raises(MerakConfigError, match=f"{option}={value} is invalid"):
+        MerakStrategy(**{option: value})
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("pipeline_schedule", "zb", "pipeline_schedule='zb' is unknown"),
+    ("recompute", "some", "recompute='some' is unknown"),
+    ("recompute", 1.5, "must lie in"),
+    ("memory_manager", "dtr", "memory_manager='dtr' is unknown"),
+    ("partition", 3, "partition=3 is invalid"),
+])
+def test_unknown_options(option, value, message):
+    with pytest.raises(MerakConfigError, match=message):
+        MerakStrategy(**{option: value})
+
+
+@pytest.mark.parametrize("precision", ["64-true", "16-true"])
+def test_unsupported_precision(precision):
+    with pytest.raises(MerakConfigError, match=f"precision='{precision}' is not supported"):
+        _trainer(MerakStrategy(), devices=1, precision=precision)
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_multiprocessing_launcher_refused_with_reason(method):
+    with pytest.raises(MerakConfigError, match="holds only its own stage/shard"):
+        MerakStrategy(start_method=method)
+
+
+def test_budget_parsing_and_budget_without_manager():
+    assert parse_bytes("20GiB") == 20 * 2**30
+    assert parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes(1024) == 1024
+    with pytest.raises(MerakConfigError, match="cannot be parsed as a size"):
+        MerakStrategy(memory_manager="delta", memory_budget="lots")
+    with pytest.raises(MerakConfigError, match="nothing uses it"):
+        MerakStrategy(memory_budget="1GiB", recompute="none")
+
+
+def test_partition_list_length_checked():
+    with pytest.raises(MerakConfigError, match="needs 3"):
+        MerakStrategy(pipeline_parallel_size=4, partition=["a", "b"])
