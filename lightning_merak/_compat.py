@@ -41,6 +41,10 @@ from lightning.fabric.utilities.distributed import (  # noqa: E402
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher  # noqa: E402
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
+from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402
+
+# batch-coupled layers (their common base class is private)
+BATCH_NORM_TYPES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
 
 def dcp_load_everything(folder) -> dict:
@@ -54,8 +58,32 @@ def dcp_load_everything(folder) -> dict:
     return state
 
 
+def dataloader_for(trainer) -> object:
+    """The dataloader(s) the running Trainer function will iterate (Lightning keeps the source privately)."""
+    fn = trainer.state.fn
+    loop = {TrainerFn.FITTING: trainer.fit_loop, TrainerFn.VALIDATING: trainer.validate_loop,
+            TrainerFn.TESTING: trainer.test_loop, TrainerFn.PREDICTING: trainer.predict_loop}[fn]
+    return loop._data_source.dataloader()
+
+
+def metric_state(metric) -> dict:
+    """A torchmetrics Metric's accumulated state (torchmetrics keeps the list of state names privately)."""
+    return {name: getattr(metric, name) for name in metric._defaults}
+
+
+def load_metric_state(metric, state: dict) -> None:
+    """Give ``metric`` another instance's accumulated state, so its ``compute()`` gives the same value."""
+    for name, value in state.items():
+        setattr(metric, name, value)
+    metric._update_count = max(metric._update_count, 1)
+    metric._computed = None
+
+
 __all__ = [
     "dcp_load_everything",
+    "dataloader_for",
+    "metric_state",
+    "load_metric_state",
     "_distributed_is_initialized",
     "_get_default_process_group_backend_for_device",
     "_init_dist_connection",
@@ -63,6 +91,8 @@ __all__ = [
     "_MultiProcessingLauncher",
     "_SubprocessScriptLauncher",
     "TrainerFn",
+    "tree_flatten",
+    "tree_map",
 ]
 
 # --- tensor parallel ----------------------------------------------------------------------------------
@@ -70,3 +100,17 @@ __all__ = [
 from torch.distributed.tensor.placement_types import _StridedShard  # noqa: E402
 
 __all__ += ["_StridedShard"]
+
+# --- pipeline runtime ---------------------------------------------------------------------------------
+# The action-list runtime and its IR are underscore-private in torch 2.13 (moving to pipelining/runtime.py).
+from torch.distributed.pipelining.schedules import _Action  # noqa: E402
+from torch.distributed.pipelining.schedules import _add_send_recv  # noqa: E402
+from torch.distributed.pipelining.schedules import _ComputationType  # noqa: E402
+from torch.distributed.pipelining.schedules import _PipelineContext  # noqa: E402
+from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime  # noqa: E402
+from torch.distributed.pipelining.schedules import _ScheduleForwardOnly  # noqa: E402
+from torch.distributed.pipelining.schedules import _wait_batch_p2p  # noqa: E402
+from torch.distributed.pipelining.stage import _normalize_model_output_as_tuple  # noqa: E402
+
+__all__ += ["_Action", "_add_send_recv", "_ComputationType", "_PipelineContext", "_PipelineScheduleRuntime",
+            "_ScheduleForwardOnly", "_wait_batch_p2p", "_normalize_model_output_as_tuple"]

@@ -226,7 +226,7 @@ class MerakStrategy(ParallelStrategy):
         dp, pp, tp = self.sizes
         if pp == 1 and tp == 1 and self.config.memory_manager == "none":
             return None
-        from lightning_merak.engine import build_engine
+        from lightning_merak.parallelize import build_engine
 
         return build_engine(self, trainer)
 

@@ -9,7 +9,12 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from lightning_merak.tensor_parallel.plan import TPPlan
 from lightning_merak.tensor_parallel.styles import ColumnParallel, MultiheadAttentionParallel, RowParallel
@@ -101,7 +106,7 @@ def _retie(tied: list[list[tuple[nn.Module, str]]]) -> None:
         shared = next((p for p in params if isinstance(p, DTensor)), None)
         if shared is None:
             continue
-        for (m, name), p in zip(owners, params):
+        for (m, name), p in zip(owners, params, strict=True):
             if isinstance(p, DTensor) and p.placements != shared.placements:
                 names = ", ".join(f"{type(o).__name__}.{n}" for o, n in owners)
                 raise ValueError(f"tied parameters ({names}) got different tensor parallel layouts "

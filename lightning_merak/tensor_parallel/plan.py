@@ -147,8 +147,10 @@ class _FlowTracer(TorchFunctionMode):
         labels = frozenset().union(*(self.label(t) for t in tensors))
         if not labels or name not in _PROPAGATE:
             return out
-        # a parameter-dependent operand without a label (a residual stream) mixes full features in: stop here
-        if any(not self.label(t) and t.requires_grad and t.numel() > 1 for t in tensors):
+        # an operand without a label that depends on parameters or has the full shape (a residual stream)
+        # mixes all features in: stop here. Broadcast constants (masks, rotary tables) pass.
+        shape = next(t.shape for t in tensors if self.label(t))
+        if any(not self.label(t) and t.numel() > 1 and (t.requires_grad or t.shape == shape) for t in tensors):
             return out
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if name in ("split", "chunk") and tensors and id(tensors[0]) in self.direct and len(outs) > 1:
@@ -263,7 +265,7 @@ def _head_owner(names: dict[str, nn.Module], fqn: str) -> tuple[str, nn.Module] 
     for i in range(len(parts) - 1, 0, -1):
         owner = ".".join(parts[:i])
         m = names.get(owner)
-        if m is not None and any(isinstance(getattr(m, a, None), int) for a in HEAD_ATTRS[:5]):
+        if m is not None and any(isinstance(getattr(m, a, None), int) for a in (*HEAD_ATTRS[:5], "head_dim")):
             return owner, m
     return None
 
@@ -282,8 +284,13 @@ def _validate_and_attributes(module: nn.Module, plan: TPPlan) -> dict[str, dict[
     t = plan.tp_size
     names = dict(module.named_modules())
     owners: dict[str, nn.Module] = {}
-    for fqn, style in plan.styles.items():
-        m = names[fqn]
+    # head counts first: they are the root cause when a width is not divisible either
+    def heads_first(fqn: str) -> bool:
+        style = plan.styles[fqn]
+        return not (style == "mha_heads" or (style.startswith("colwise") and _head_owner(names, fqn)))
+
+    for fqn in sorted(plan.styles, key=heads_first):
+        style, m = plan.styles[fqn], names[fqn]
         if style == "mha_heads":
             if m.num_heads % t:
                 raise ValueError(f"{fqn}: {m.num_heads} attention heads are not divisible by tensor_parallel_size={t}")
@@ -308,8 +315,7 @@ def _validate_and_attributes(module: nn.Module, plan: TPPlan) -> dict[str, dict[
         if owner and head_dim:
             heads = out_features // parts // head_dim
             if heads % t:
-                kind = "key-value heads" if heads != _first_int(owner[1], ("num_heads", "num_attention_heads",
-                                                                             "n_head", "n_heads")) else "heads"
+                kind = "key-value heads" if heads != _query_heads(owner[1]) else "heads"
                 raise ValueError(f"{fqn}: {heads} attention {kind} (head_dim {head_dim}) are not divisible by "
                                  f"tensor_parallel_size={t}; choose a tensor_parallel_size that divides {heads}")
             owners[owner[0]] = owner[1]
@@ -323,5 +329,9 @@ def _validate_and_attributes(module: nn.Module, plan: TPPlan) -> dict[str, dict[
     return attributes
 
 
-def _first_int(m: nn.Module, attrs: tuple[str, ...]) -> int | None:
-    return next((getattr(m, a) for a in attrs if isinstance(getattr(m, a, None), int)), None)
+def _query_heads(m: nn.Module) -> int | None:
+    for source in (m, getattr(m, "config", None)):
+        for attr in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
+            if isinstance(getattr(source, attr, None), int):
+                return getattr(source, attr)
+    return None

@@ -105,6 +105,34 @@ def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placement) -> No
                                                  requires_grad=param.requires_grad))
 
 
+def _checkpoint_as_contiguous_shards(module: nn.Module, names: tuple[str, ...], mesh: DeviceMesh) -> None:
+    """Present strided (per-head q|k|v) parameters to state dicts as plain ``Shard``s of the same full tensor.
+
+    DCP stores one contiguous box per rank and rejects a strided shard ("overlapping chunks"). At checkpoint
+    time these hooks all-gather the parameter and hand out a contiguous shard instead (so ``get_model_state_dict``
+    + DCP work and a tp=2 checkpoint loads into tp=1 and back); loading converts back to the strided layout.
+    """
+    def as_shard(_module, state_dict, prefix, _metadata):
+        for name in names:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, DTensor) and isinstance(value.placements[0], _StridedShard):
+                dim = value.placements[0].dim
+                state_dict[prefix + name] = distribute_tensor(value.full_tensor(), mesh, [Shard(dim)],
+                                                              src_data_rank=None)
+
+    def as_strided(_module, state_dict, prefix, *_args):
+        for name in names:
+            value, param = state_dict.get(prefix + name), getattr(_module, name, None)
+            if value is None or not isinstance(param, DTensor):
+                continue
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            state_dict[prefix + name] = distribute_tensor(full.to(param.dtype), mesh, param.placements,
+                                                          src_data_rank=None)
+
+    module.register_state_dict_post_hook(as_shard)
+    module.register_load_state_dict_pre_hook(as_strided)
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """HF's ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -132,6 +160,8 @@ class ColumnParallel(ParallelStyle):
         bias_pl = Shard(0) if self.fused == 1 else _StridedShard(0, split_factor=self.fused)
         _distribute(module, "weight", device_mesh, weight_pl)
         _distribute(module, "bias", device_mesh, bias_pl)
+        if self.fused > 1:
+            _checkpoint_as_contiguous_shards(module, ("weight", "bias"), device_mesh)
         group, k = device_mesh.get_group(), self.chunks
 
         def forward(self_: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +215,7 @@ class MultiheadAttentionParallel(ParallelStyle):
                                       f"add_bias_kv=False; got {module}")
         _distribute(module, "in_proj_weight", device_mesh, _StridedShard(0, split_factor=3))
         _distribute(module, "in_proj_bias", device_mesh, _StridedShard(0, split_factor=3))
+        _checkpoint_as_contiguous_shards(module, ("in_proj_weight", "in_proj_bias"), device_mesh)
         RowParallel(self.chunks)._apply(module.out_proj, device_mesh)
         module.local_num_heads = module.num_heads // device_mesh.size()
         group, k = device_mesh.get_group(), self.chunks

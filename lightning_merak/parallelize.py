@@ -1,0 +1,166 @@
+"""Compose the parallelisms for this rank, in order (torchtitan style): find the pipelined module, take
+example inputs from the first batch, cut it into stages (pipeline), shard layers (tensor parallel), wrap
+recomputation (stage-aware), attach the memory manager (DELTA). One function per step; the order is here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from lightning_merak._compat import BATCH_NORM_TYPES, TrainerFn, dataloader_for
+from lightning_merak.pipeline.takeover import PipelineInputError, capture_model_call, split_batch
+
+log = logging.getLogger(__name__)
+
+STEP_FOR = {TrainerFn.FITTING: "training_step", TrainerFn.VALIDATING: "validation_step",
+            TrainerFn.TESTING: "test_step", TrainerFn.PREDICTING: "predict_step"}
+
+
+def find_pipelined_module(lightning_module: nn.Module, path: str) -> tuple[str, nn.Module]:
+    """The submodule to pipeline: ``path`` if given, else the direct child holding most parameters."""
+    if path != "auto":
+        try:
+            return path, lightning_module.get_submodule(path)
+        except AttributeError:
+            raise PipelineInputError(f"pipeline_module={path!r} is not a submodule of "
+                                     f"{type(lightning_module).__name__}.") from None
+    children = [(name, child) for name, child in lightning_module.named_children()
+                if any(True for _ in child.parameters())]
+    if not children:
+        raise PipelineInputError(f"{type(lightning_module).__name__} has no submodule with parameters to pipeline.")
+    return max(children, key=lambda nc: sum(p.numel() for p in nc[1].parameters()))
+
+
+def example_inputs(strategy: Any, trainer: Any, pipelined: nn.Module, num_microbatches: int) -> tuple[tuple, dict]:
+    """The pipelined module's arguments for one micro-batch of the first batch of the running loop.
+
+    The RNG state is restored afterwards, so drawing this batch does not shift the run's randomness.
+    """
+    lightning_module = strategy.lightning_module
+    states = (torch.get_rng_state(), random.getstate())
+    try:
+        loaders = dataloader_for(trainer)
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        batch = next(iter(loader))
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+    batch = strategy.batch_to_device(batch)
+    micro = split_batch(batch, num_microbatches)[0] if STEP_FOR[trainer.state.fn] == "training_step" else batch
+    step = getattr(lightning_module, STEP_FOR[trainer.state.fn])
+    return capture_model_call(step, pipelined, lightning_module, micro, 0)
+
+
+def build_engine(strategy: Any, trainer: Any) -> Any:
+    """Everything that makes this rank's piece of the model, in order; returns the engine the strategy drives."""
+    config = strategy.config
+    dp, pp, tp = strategy.sizes
+    mesh = strategy.device_mesh
+    lightning_module = strategy.lightning_module
+    path, pipelined = find_pipelined_module(lightning_module, config.pipeline_module)
+    num_microbatches = config.microbatches(pp)
+    example = example_inputs(strategy, trainer, pipelined, num_microbatches)
+    warn_batch_coupled(pipelined, pp)
+
+    stage_module, plan, tied = None, None, []
+    if pp > 1:
+        stage_module, plan = apply_pipeline(pipelined, example, pp, mesh["pp"].get_local_rank(), config.partition)
+        tied = tied_parameter_groups(lightning_module, path, plan, mesh)
+    if tp > 1:
+        apply_tp(pipelined, example, mesh, config.subtensor_chunks)
+    if pp > 1:
+        apply_recompute(stage_module, plan, config, mesh["pp"].get_local_rank())
+    if plan is not None:
+        rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {pp} stages:\n{plan.table()}")
+    if pp > 1:
+        from lightning_merak.pipeline.engine import PipelineEngine
+
+        return PipelineEngine(strategy, lightning_module, pipelined, stage_module, plan, config.pipeline_schedule,
+                              num_microbatches, tied)
+    return None
+
+
+def apply_pipeline(pipelined: nn.Module, example: tuple[tuple, dict], num_stages: int, stage_index: int,
+                   partition: Any) -> tuple[nn.Module, Any]:
+    """Plan stages on the proxy graph (same plan on every rank: it is deterministic) and keep this rank's."""
+    from lightning_merak.partition import plan_model
+    from lightning_merak.pipeline.stage import build_stage
+
+    plan = plan_model(pipelined, example, num_stages, partition=partition)
+    return build_stage(pipelined, plan, stage_index), plan
+
+
+def apply_tp(pipelined: nn.Module, example: tuple[tuple, dict], mesh: Any, chunks: int) -> None:
+    from lightning_merak.tensor_parallel import apply_tensor_parallel, tp_plan_for
+
+    tp_plan = tp_plan_for(pipelined, mesh["tp"].size(), example)
+    rank_zero_info(f"Merak tensor-parallel plan (tp={mesh['tp'].size()}):\n{tp_plan.table()}")
+    apply_tensor_parallel(pipelined, mesh["tp"], tp_plan, subtensor_chunks=chunks)
+
+
+def apply_recompute(stage_module: Any, plan: Any, config: Any, stage_index: int) -> None:
+    """Checkpoint the first r_i of this stage's blocks (Merak's stage-aware ratios; none on the last stage)."""
+    from lightning_merak.pipeline.recompute import stage_aware_ratios
+
+    num_stages = len(plan.stages)
+    if config.recompute == "none":
+        return
+    if config.recompute == "full":
+        ratio = 1.0
+    elif isinstance(config.recompute, float):
+        ratio = stage_aware_ratios(config.recompute, num_stages)[stage_index]
+    else:
+        return
+    owned = len(plan.stages[stage_index].units)
+    stage_module.checkpoint_units(int(owned * ratio))
+
+
+def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any) -> list[tuple[Any, list]]:
+    """Process groups joining the stages that hold copies of one tied weight (e.g. GPT-2's wte/lm_head)."""
+    groups = []
+    for tie in getattr(plan, "tied", []) or []:
+        stages = sorted(tie.stages)
+        if len(stages) < 2:
+            continue
+        my_group = None
+        # one group per (dp, tp) coordinate: the pp ranks of that pipeline holding the tie; every rank
+        # creates every group, in the same order (new_group is collective)
+        full = mesh.mesh
+        for d in range(full.shape[0]):
+            for t in range(full.shape[2]):
+                ranks = [int(full[d, s, t]) for s in stages]
+                g = dist.new_group(ranks)
+                if dist.get_rank() in ranks:
+                    my_group = g
+        if my_group is not None:
+            params = []
+            for name in tie.names:
+                full_name = f"{path}.{name}" if path else name
+                try:
+                    params.append(lightning_module.get_parameter(full_name))
+                except AttributeError:
+                    continue
+            groups.append((my_group, params))
+    return groups
+
+
+def warn_batch_coupled(pipelined: nn.Module, pp: int) -> None:
+    """A pipeline shows modules micro-batches, not the batch: warn once for layers that couple samples."""
+    if pp <= 1:
+        return
+    for name, module in pipelined.named_modules():
+        if isinstance(module, BATCH_NORM_TYPES) and module.training:
+            rank_zero_info(f"Merak: `{name}` ({type(module).__name__}) normalises over a batch; under the pipeline it "
+                           "sees micro-batches, so results equal gradient accumulation over micro-batches, not one "
+                           "full-batch step (see README, batch-coupled computations).")
+            return
+

@@ -1,0 +1,51 @@
+"""Pipeline parallelism: schedules as action lists, their simulator, stage-aware recompute, the runtime.
+
+The runtime (``build_schedule``, ``forward_only_schedule``) needs torch's pipelining; import it from
+``lightning_merak.pipeline.runtime``. Everything exported here is pure and runs without a process group.
+"""
+
+from lightning_merak.pipeline.recompute import (
+    MemoryBudgetError,
+    ratios_for_budget,
+    resolve_ratios,
+    stage_aware_ratios,
+)
+from lightning_merak.pipeline.schedules import (
+    SCHEDULE_NAMES,
+    Action,
+    Schedule,
+    ScheduleError,
+    make_schedule,
+    validate,
+)
+from lightning_merak.pipeline.simulate import (
+    LinkCosts,
+    ScheduleChoice,
+    SimResult,
+    StageCosts,
+    choose_schedule,
+    simulate,
+)
+from lightning_merak.pipeline.timeline import plot_gantt, to_chrome_trace, write_chrome_trace
+
+__all__ = [
+    "SCHEDULE_NAMES",
+    "Action",
+    "LinkCosts",
+    "MemoryBudgetError",
+    "Schedule",
+    "ScheduleChoice",
+    "ScheduleError",
+    "SimResult",
+    "StageCosts",
+    "choose_schedule",
+    "make_schedule",
+    "plot_gantt",
+    "ratios_for_budget",
+    "resolve_ratios",
+    "simulate",
+    "stage_aware_ratios",
+    "to_chrome_trace",
+    "validate",
+    "write_chrome_trace",
+]

@@ -1,0 +1,164 @@
+"""PipelineEngine: runs one rank's stage inside Lightning's loops (training, validation, test, predict).
+
+Training uses torch's ``PipelineStage`` and a schedule (``runtime.build_schedule``) fed by ``StageRunner``;
+evaluation runs a forward-only pipeline of one micro-batch with plain point-to-point transfers, so the user's
+``validation_step``/``test_step``/``predict_step`` sees the whole batch exactly as in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+
+from lightning_merak._compat import tree_flatten
+from lightning_merak.pipeline.takeover import (
+    StageRunner,
+    capture_model_call,
+    redirect_forward,
+    replay_logs,
+    split_batch,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _signature(inputs: list[tuple[tuple, dict]]) -> tuple:
+    """Shapes and dtypes of every tensor a micro-batch feeds the model: one PipelineStage per signature."""
+    leaves = tree_flatten(inputs[0])[0]
+    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
+
+
+class PipelineEngine:
+    """Everything the strategy delegates to when ``pipeline_parallel_size > 1``."""
+
+    def __init__(self, strategy: Any, lightning_module: Any, pipelined: nn.Module, stage_module: nn.Module,
+                 plan: Any, schedule_name: str, num_microbatches: int, tied_groups: list[Any]) -> None:
+        self.strategy = strategy
+        self.lightning_module = lightning_module
+        self.pipelined = pipelined
+        self.stage_module = stage_module
+        self.plan = plan
+        self.schedule_name = schedule_name
+        self.num_microbatches = num_microbatches
+        mesh = strategy.device_mesh
+        self.pp_group = mesh["pp"].get_group()
+        self.pp_size = mesh["pp"].size()
+        self.pp_rank = mesh["pp"].get_local_rank()
+        self.is_first = self.pp_rank == 0
+        self.is_last = self.pp_rank == self.pp_size - 1
+        self.last_rank = dist.get_global_rank(self.pp_group, self.pp_size - 1)
+        self.device = strategy.root_device
+        self.runner = StageRunner(stage_module, pipelined, lightning_module, self.is_last)
+        self.tied_groups = tied_groups  # [(group, [param names])] summed across the stages that hold them
+        self._schedules: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_train_start(self, trainer: Any) -> None:
+        trainer.fit_loop._skip_backward = True  # the schedule runs backward; see reference/lightning.md §7
+
+    def teardown(self) -> None:
+        self._schedules.clear()
+
+    # ------------------------------------------------------------------ training
+    def _schedule_for(self, signature: tuple, recv_metas: tuple, send_metas: tuple) -> Any:
+        if signature not in self._schedules:
+            from lightning_merak.pipeline.runtime import build_schedule
+
+            stage = PipelineStage(self.runner, self.pp_rank, self.pp_size, self.device,
+                                  input_args=recv_metas if not self.is_first else None,
+                                  output_args=send_metas, group=self.pp_group)
+            self._schedules[signature] = build_schedule(self.schedule_name, stage, self.num_microbatches,
+                                                        loss_fn=_identity_loss)
+        return self._schedules[signature]
+
+    def training_step(self, batch: Any, batch_idx: int, *args: Any) -> torch.Tensor:
+        trainer = self.lightning_module.trainer
+        accumulate = trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:
+            for opt in trainer.optimizers:
+                opt.zero_grad(set_to_none=True)
+        step = self.lightning_module.training_step
+        micro = split_batch(batch, self.num_microbatches)
+        weights = [1.0 / self.num_microbatches] * self.num_microbatches
+        inputs = [capture_model_call(step, self.pipelined, self.lightning_module, mb, batch_idx, *args)
+                  for mb in micro]
+        self.runner.inputs, self.runner.weights = inputs, weights
+        self.runner.loss_scale = 1.0 / accumulate
+        self.runner.steps = [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro]
+        self.runner.step_outputs = []
+        recv, send = self.stage_module.boundary_metas(*inputs[0])
+        schedule = self._schedule_for(_signature(inputs), recv, send)
+        index = torch.arange(self.num_microbatches)
+        losses: list[torch.Tensor] = []
+        if self.is_last:
+            schedule.step(mb=index, target=index, losses=losses)
+        else:
+            schedule.step(mb=index)
+        self._sum_tied_grads()
+        if self.strategy._sync_grads:
+            self.strategy.sync_data_parallel_grads()
+        return self._finish_step()
+
+    def _finish_step(self) -> torch.Tensor:
+        """Broadcast the batch loss and the logged values from the last stage; replay the logs everywhere."""
+        payload = [None]
+        if self.is_last:
+            outputs = self.runner.step_outputs
+            losses = [o["loss"] if isinstance(o, dict) else o for o in outputs]
+            loss = sum(float(v.detach()) * w for v, w in zip(losses, self.runner.weights, strict=True))
+            payload = [(loss, self.runner.recorder.summary(self.lightning_module))]
+        dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
+        loss, logged = payload[0]
+        replay_logs(self.lightning_module, logged)
+        return torch.tensor(loss, device=self.device)
+
+    def _sum_tied_grads(self) -> None:
+        for group, params in self.tied_groups:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=group)
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_step(self, hook: str, batch: Any, batch_idx: int, *args: Any) -> Any:
+        """Forward-only pipeline of one micro-batch: receive, run, send; the last stage runs the user's hook."""
+        step = getattr(self.lightning_module, hook)
+        model_args, model_kwargs = capture_model_call(step, self.pipelined, self.lightning_module, batch, batch_idx,
+                                                      *args)
+        recv_metas, _ = self.stage_module.boundary_metas(model_args, model_kwargs)
+        with torch.no_grad():
+            received = []
+            if not self.is_first:
+                src = dist.get_global_rank(self.pp_group, self.pp_rank - 1)
+                for meta in recv_metas:
+                    buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+                    dist.recv(buf, src=src, group=self.pp_group)
+                    received.append(buf)
+            if not self.is_last:
+                outputs = self.stage_module(*received, model_args=model_args, model_kwargs=model_kwargs)
+                dst = dist.get_global_rank(self.pp_group, self.pp_rank + 1)
+                for t in outputs:
+                    dist.send(t.contiguous(), dst=dst, group=self.pp_group)
+                result = None
+            else:
+                def run_stage(*a: Any, **kw: Any) -> Any:
+                    return self.stage_module(*received, model_args=a, model_kwargs=kw)
+
+                with redirect_forward(self.pipelined, run_stage), \
+                        self.runner.recorder.recording(self.lightning_module, 1.0):
+                    result = step(batch, batch_idx, *args)
+        payload = [(result, self.runner.recorder.summary(self.lightning_module)) if self.is_last else None]
+        dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
+        result, logged = payload[0]
+        replay_logs(self.lightning_module, logged)
+        return result
+
+
+def _identity_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The last stage's runner already returns the (scaled) loss of the user's step."""
+    return output
+

@@ -1,0 +1,214 @@
+"""Training-step takeover: the user's unmodified ``training_step`` drives a pipeline.
+
+Lightning runs ``training_step`` then ``backward``. Under a pipeline the schedule runs forward *and* backward
+of every micro-batch, so the strategy's ``training_step`` takes over (DESIGN.md, "Training-step takeover"):
+
+- every rank splits the batch into micro-batches and runs the user's step with the pipelined module's
+  ``forward`` redirected to *capture its arguments and stop* (``capture_model_call``): that gives the inputs
+  each stage needs to recompute parameter-free values (masks, positions) itself;
+- the last stage's per-micro-batch loss *is* the user's step, run with ``forward`` redirected to return the
+  stage output (``StageRunner``), so whatever the step does after the model call (a loss, logging) happens
+  exactly as written; the loss returned to Lightning is the micro-batch mean, identical on every rank;
+- what the last stage logs is recorded, averaged over micro-batches and replayed on every rank of the pipeline
+  (``LogRecorder``), so callbacks, loggers and ``sync_dist`` behave as under DDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_merak._compat import load_metric_state, metric_state, tree_flatten, tree_map
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__("captured")
+        self.args, self.kwargs = args, kwargs
+
+
+class PipelineInputError(RuntimeError):
+    """The batch or the step cannot be pipelined; the message says why and what to do."""
+
+
+@contextmanager
+def redirect_forward(module: nn.Module, fn: Callable[..., Any]) -> Iterator[None]:
+    """Route ``module(...)`` to ``fn`` for the outermost call only; nested calls (``fn`` itself running the
+    module) reach the real forward."""
+    had_attr = "forward" in module.__dict__
+    original = module.forward
+    depth = [0]
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        if depth[0]:
+            return original(*args, **kwargs)
+        depth[0] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    module.forward = patched
+    try:
+        yield
+    finally:
+        if had_attr:
+            module.forward = original
+        else:
+            del module.forward
+
+
+@contextmanager
+def muted_logging(lightning_module: Any) -> Iterator[None]:
+    """Capture runs of the user's step must not log: only the last stage's real run does."""
+    lightning_module.log = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del lightning_module.log
+
+
+def capture_model_call(step: Callable[..., Any], module: nn.Module, lightning_module: Any, *step_args: Any
+                       ) -> tuple[tuple, dict]:
+    """Run the user's ``step`` until it calls ``module``; return that call's (args, kwargs)."""
+
+    def stop(*args: Any, **kwargs: Any) -> Any:
+        raise _Captured(args, kwargs)
+
+    try:
+        with redirect_forward(module, stop), muted_logging(lightning_module), torch.no_grad():
+            step(*step_args)
+    except _Captured as captured:
+        return captured.args, captured.kwargs
+    raise PipelineInputError(
+        f"`{type(lightning_module).__name__}.{getattr(step, '__name__', 'step')}` never called the pipelined module "
+        f"({type(module).__name__}). The pipeline cuts that module into stages, so the step must call it (e.g. "
+        "`self.model(**batch)` or `self(x)` whose forward calls it). Set MerakStrategy(pipeline_module=...) to "
+        "the attribute path of the module your step uses."
+    )
+
+
+def batch_size_of(batch: Any) -> int:
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not leaves:
+        raise PipelineInputError("The batch holds no tensor with a batch dimension; nothing can be split into "
+                                 "micro-batches.")
+    return leaves[0].shape[0]
+
+
+def split_batch(batch: Any, num_microbatches: int) -> list[Any]:
+    """Split every tensor with the batch's leading size into ``num_microbatches`` equal parts along dim 0.
+
+    Parts must be equal: pipeline receive buffers have one shape per step. Other leaves are replicated.
+    """
+    size = batch_size_of(batch)
+    if size < num_microbatches:
+        raise PipelineInputError(
+            f"A batch of {size} samples cannot be split into {num_microbatches} micro-batches. Increase the batch "
+            f"size to at least {num_microbatches} or lower MerakStrategy(num_microbatches=...)."
+        )
+    if size % num_microbatches:
+        raise PipelineInputError(
+            f"A batch of {size} samples does not split evenly into {num_microbatches} micro-batches; use a batch "
+            f"size that is a multiple of num_microbatches (or drop_last=True in the DataLoader)."
+        )
+
+    def chunk(t: Any, i: int) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size:
+            return t.tensor_split(num_microbatches)[i]
+        return t
+
+    return [tree_map(lambda t, i=i: chunk(t, i), batch) for i in range(num_microbatches)]
+
+
+class LogRecorder:
+    """Records ``self.log`` calls made during the last stage's micro-batches and replays their mean once."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[tuple[float, Any, dict]]] = {}
+
+    @contextmanager
+    def recording(self, lightning_module: Any, weight: float) -> Iterator[None]:
+        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if args:
+                raise TypeError("MerakStrategy replays self.log calls; pass options to self.log by keyword.")
+            self.records.setdefault(name, []).append((weight, value, kwargs))
+
+        lightning_module.log = log
+        try:
+            yield
+        finally:
+            del lightning_module.log
+
+    def summary(self, lightning_module: Any) -> dict[str, tuple[Any, dict]]:
+        """Per name: the weighted mean of number values (equal to the full batch's value for means), or, for a
+        torchmetrics Metric, its module path and state (its own state already covers all micro-batches)."""
+        from torchmetrics import Metric
+
+        paths = {id(m): name for name, m in lightning_module.named_modules()}
+        out: dict[str, tuple[Any, dict]] = {}
+        for name, entries in self.records.items():
+            kwargs = entries[-1][2]
+            last = entries[-1][1]
+            if isinstance(last, Metric):
+                state = metric_state(last)
+                out[name] = (("metric", paths[id(last)], state), kwargs)
+                continue
+            total = sum(w for w, _, _ in entries)
+            value = sum(w * float(v) for w, v, _ in entries) / total
+            out[name] = (torch.tensor(value), kwargs)
+        self.records.clear()
+        return out
+
+
+def replay_logs(lightning_module: Any, logged: dict[str, tuple[Any, dict]]) -> None:
+    """Log what the last stage logged, on this rank; metrics get the last stage's state first."""
+    for name, (value, kwargs) in logged.items():
+        if isinstance(value, tuple) and value[0] == "metric":
+            _, path, state = value
+            metric = lightning_module.get_submodule(path)
+            load_metric_state(metric, state)
+            value = metric
+        lightning_module.log(name, value, **kwargs)
+
+
+class StageRunner(nn.Module):
+    """What torch's ``PipelineStage`` runs on this rank for one micro-batch (selected by index ``mb``).
+
+    Not registered in the LightningModule: it holds no state of its own, only references.
+    """
+
+    def __init__(self, stage: nn.Module, pipelined: nn.Module, lightning_module: Any, is_last: bool) -> None:
+        super().__init__()
+        self.stage = stage
+        self.is_last = is_last
+        object.__setattr__(self, "_pipelined", pipelined)  # not a submodule: no duplicate parameters
+        object.__setattr__(self, "_lightning_module", lightning_module)
+        self.inputs: list[tuple[tuple, dict]] = []  # per micro-batch (model_args, model_kwargs)
+        self.steps: list[Callable[[], Any]] = []  # last stage: per micro-batch call of the user's step
+        self.weights: list[float] = []
+        self.loss_scale = 1.0
+        self.recorder = LogRecorder()
+        self.step_outputs: list[Any] = []
+
+    def forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
+        index = int(mb.reshape(-1)[0])
+        if not self.is_last:
+            args, kwargs = self.inputs[index]
+            return self.stage(*received, model_args=args, model_kwargs=kwargs)
+
+        def run_stage(*args: Any, **kwargs: Any) -> Any:
+            return self.stage(*received, model_args=args, model_kwargs=kwargs)
+
+        with redirect_forward(self._pipelined, run_stage), \
+                self.recorder.recording(self._lightning_module, self.weights[index]):
+            output = self.steps[index]()
+        self.step_outputs.append(output)
+        loss = output["loss"] if isinstance(output, dict) else output
+        if not isinstance(loss, torch.Tensor):
+            return torch.zeros(())  # forward-only use: the step's output is kept in step_outputs
+        return loss * (self.weights[index] * self.loss_scale)

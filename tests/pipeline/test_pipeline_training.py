@@ -1,0 +1,77 @@
+"""Pipeline-parallel training of unmodified LightningModules equals one process (fp32, same seed and batch)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from tests.helpers.launch import REPO, check_script
+from tests.helpers.models import reference_loader
+from tests.helpers.pipeline_models import DictData, KIND, make_module, variable_length_collate
+
+ATOL = 1e-5
+
+
+def run_merak(tmp_path, model: str, devices: int, strategy: dict, steps: int = 3, module: dict | None = None,
+              trainer: dict | None = None, predict: bool = False) -> list[dict]:
+    cfg = {"model": model, "devices": devices, "steps": steps, "strategy": strategy, "module": module or {},
+           "trainer": trainer or {}, "predict": predict}
+    check_script(REPO / "tests/scripts/pipeline_fit.py", str(tmp_path), json.dumps(cfg), timeout=300)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+
+
+def run_reference(model: str, steps: int = 3, dp: int = 1, module: dict | None = None) -> dict:
+    module_kwargs = dict(module or {})
+    ref = make_module(model, **module_kwargs)
+    batch = ref.hparams.batch_size * dp
+    collate = variable_length_collate if ref.hparams.variable_length else None
+
+    def loader():
+        data = DictData(KIND[model], ref.hparams.n, seed=0)
+        base = reference_loader(data, batch)
+        return torch.utils.data.DataLoader(data, batch_size=batch, sampler=base.sampler, collate_fn=collate)
+
+    ref.train_dataloader = loader
+    losses = []
+
+    class Rec(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, i):
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         use_distributed_sampler=False, callbacks=[Rec()])
+    trainer.fit(ref)
+    return {"losses": losses, "params": {k: v.detach() for k, v in ref.state_dict().items()}}
+
+
+def assert_matches(ranks: list[dict], ref: dict, atol: float = ATOL) -> None:
+    seen = set()
+    for rank in ranks:
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), atol=atol, rtol=0)
+        for key, value in rank["params"].items():
+            torch.testing.assert_close(value, ref["params"][key], atol=atol, rtol=0, msg=key)
+            seen.add(key)
+    missing = [k for k in ref["params"] if k not in seen]
+    assert not missing, f"parameters held by no stage: {missing}"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("model", "pp", "schedule"), [
+    ("gpt2", 2, "1f1b"),
+    ("gpt2", 4, "gpipe"),
+    ("llama", 4, "1f1b"),
+    ("bert", 2, "gpipe"),
+    ("vit", 2, "1f1b"),
+    ("resnet", 2, "1f1b"),
+    ("sequential", 4, "1f1b"),
+    ("custom_loss", 2, "gpipe"),
+    ("bart", 2, "1f1b"),
+])
+def test_pipeline_equals_one_process(tmp_path, model, pp, schedule):
+    ranks = run_merak(tmp_path, model, pp, {"pipeline_parallel_size": pp, "pipeline_schedule": schedule,
+                                            "num_microbatches": 4, "recompute": "none"})
+    assert_matches(ranks, run_reference(model))
