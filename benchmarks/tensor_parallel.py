@@ -87,13 +87,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
 
 
 def run(args: argparse.Namespace) -> tuple[dict[int, float], dict[int, list[float]]]:
-    """Spawn tp=2 ranks; return (loss per variant, seconds per step per repetition and variant)."""
+    """Spawn ``args.tp`` ranks; return (loss per variant, seconds per step per repetition and variant)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, args, queue), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, args.tp, port, args, queue), daemon=True) for r in range(args.tp)]
     for p in procs:
         p.start()
     try:
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> tuple[dict[int, float], dict[int, list[floa
 
 def report(losses: dict[int, float], times: dict[int, list[float]], label: str) -> str:
     plain = statistics.median(times[1])
-    lines = [f"tp=2 {label}: forward+backward per step, median of {len(times[1])} alternating repetitions"]
+    lines = [f"{label}: forward+backward per step, median of {len(times[1])} alternating repetitions"]
     for k, ts in times.items():
         name = "plain TP (k=1)" if k == 1 else f"sub-tensor TP k={k}"
         med = statistics.median(ts)
@@ -124,6 +124,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--backend", default=None, help="default: gloo on cpu, nccl on cuda")
+    parser.add_argument("--tp", type=int, default=2, help="ranks (1 measures the chunking overhead alone)")
     parser.add_argument("--chunks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
@@ -143,7 +144,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     losses, times = run(args)
-    print(report(losses, times, f"{args.device}/{args.backend}, GPT-2 {args.layers}x{args.hidden}, "
+    print(report(losses, times, f"tp={args.tp} {args.device}/{args.backend}, GPT-2 {args.layers}x{args.hidden}, "
                                 f"batch {args.batch}x{args.seq}"))
 
 

@@ -115,7 +115,7 @@ def plan_forward(
         if recompute_cost < swap_cost:
             trial = recompute | {p.segment}
             new_peak, new_reserve, new_forced = predict(profile, swap, trial)
-            if new_peak < peak:
+            if new_peak - new_reserve < peak - reserve:  # frees kept bytes (the reserve is paid once)
                 recompute, peak, reserve, forced = trial, new_peak, new_reserve, new_forced
                 continue
         swap.add(p.key)
@@ -128,7 +128,7 @@ def plan_forward(
         swap = {p.key for p in candidates}
         recompute = set()
         peak, reserve, forced = predict(profile, swap, recompute)
-    swap -= forced
+    swap = {k for k in swap - forced if profile.pools[k].segment not in recompute}
     rank = {key: i for i, key in enumerate(profile.unpack_order)}
     return Plan(
         swap=swap,

@@ -119,7 +119,7 @@ class FileSwapTier(SwapTier):
         with self._lock:
             self._free[slot[1]].append(slot[0])
 
-    def measure_bandwidth(self, nbytes: int = 32 * 2**20) -> tuple[float, float]:
+    def measure_bandwidth(self, nbytes: int = 16 * 2**20) -> tuple[float, float]:
         data = torch.ones(nbytes, dtype=torch.uint8)
         t0 = time.perf_counter()
         slot = self.swap_out(data)

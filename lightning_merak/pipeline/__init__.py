@@ -1,7 +1,8 @@
 """Pipeline parallelism: schedules as action lists, their simulator, stage-aware recompute, the runtime.
 
-The runtime (``build_schedule``, ``forward_only_schedule``) needs torch's pipelining; import it from
-``lightning_merak.pipeline.runtime``. Everything exported here is pure and runs without a process group.
+Schedules, simulation, recompute ratios and timelines are pure and run without a process group; the
+runtime (``build_schedule``, ``forward_only_schedule``, ``ActionListSchedule``) executes them on torch's
+pipelining stages.
 """
 
 from lightning_merak.pipeline.recompute import (
@@ -10,6 +11,7 @@ from lightning_merak.pipeline.recompute import (
     resolve_ratios,
     stage_aware_ratios,
 )
+from lightning_merak.pipeline.runtime import ActionListSchedule, build_schedule, forward_only_schedule
 from lightning_merak.pipeline.schedules import (
     SCHEDULE_NAMES,
     Action,
@@ -31,6 +33,7 @@ from lightning_merak.pipeline.timeline import plot_gantt, to_chrome_trace, write
 __all__ = [
     "SCHEDULE_NAMES",
     "Action",
+    "ActionListSchedule",
     "LinkCosts",
     "MemoryBudgetError",
     "Schedule",
@@ -38,7 +41,9 @@ __all__ = [
     "ScheduleError",
     "SimResult",
     "StageCosts",
+    "build_schedule",
     "choose_schedule",
+    "forward_only_schedule",
     "make_schedule",
     "plot_gantt",
     "ratios_for_budget",

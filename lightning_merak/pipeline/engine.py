@@ -69,8 +69,11 @@ class PipelineEngine:
         if signature not in self._schedules:
             from lightning_merak.pipeline.runtime import build_schedule
 
+            # activations carry gradients: the receive buffers PipelineStage makes from these must require grad
+            recv_metas = tuple(_example(t) for t in recv_metas)
+            send_metas = tuple(_example(t) for t in send_metas)
             stage = PipelineStage(self.runner, self.pp_rank, self.pp_size, self.device,
-                                  input_args=recv_metas if not self.is_first else None,
+                                  input_args=recv_metas,
                                   output_args=send_metas, group=self.pp_group)
             self._schedules[signature] = build_schedule(self.schedule_name, stage, self.num_microbatches,
                                                         loss_fn=_identity_loss)
@@ -96,7 +99,7 @@ class PipelineEngine:
         index = torch.arange(self.num_microbatches)
         losses: list[torch.Tensor] = []
         if self.is_last:
-            schedule.step(mb=index, target=index, losses=losses)
+            schedule.step(mb=index, target=index, losses=losses, return_outputs=False)
         else:
             schedule.step(mb=index)
         self._sum_tied_grads()
@@ -156,6 +159,10 @@ class PipelineEngine:
         result, logged = payload[0]
         replay_logs(self.lightning_module, logged)
         return result
+
+
+def _example(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(t.is_floating_point())
 
 
 def _identity_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

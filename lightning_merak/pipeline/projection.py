@@ -25,7 +25,7 @@ Assumptions (all printed with ``--verbose`` and overridable):
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from lightning_merak.pipeline.recompute import MemoryBudgetError, ratios_for_budget
 from lightning_merak.pipeline.schedules import make_schedule
@@ -121,12 +121,17 @@ def stage_costs(model: ModelConfig, layout: Layout, cluster: Cluster, *, subtens
 
 @dataclass(frozen=True)
 class Projection:
+    """Predicted step times (seconds) and per-stage peaks (bytes, static included)."""
+
     merak_step: float
     baseline_step: float
     merak_ratios: tuple[float, ...]
     merak_peak: tuple[float, ...]
     baseline_peak: tuple[float, ...]
     dp_allreduce: float
+    no_recompute_step: float          # plain 1F1B without recomputation, for reference
+    no_recompute_fits: bool
+    merak_timeline: tuple = field(default=(), repr=False)
 
     @property
     def speedup(self) -> float:
@@ -154,10 +159,24 @@ def project(model: ModelConfig, layout: Layout, cluster: Cluster) -> Projection:
     n_layers = max(1, model.layers // layout.pp)
     ratios = ratios_for_budget(merak_sched, merak_costs, budget, link=link, layers_per_stage=n_layers)
     merak = simulate(merak_sched, with_ratios(merak_costs, ratios), link)
+    plain = simulate(make_schedule("1f1b", layout.pp, layout.microbatches),
+                     stage_costs(model, layout, cluster, subtensor=False), link)
     static = [c.static_bytes for c in base_costs]
+    plain_fits = all(p + s <= budget for p, s in zip(plain.peak_memory, static, strict=True))
     return Projection(merak.makespan + dp_time, base.makespan + dp_time, tuple(ratios),
                       tuple(p + s for p, s in zip(merak.peak_memory, static, strict=True)),
-                      tuple(p + s for p, s in zip(base.peak_memory, static, strict=True)), dp_time)
+                      tuple(p + s for p, s in zip(base.peak_memory, static, strict=True)), dp_time,
+                      plain.makespan + dp_time, plain_fits, merak.timeline)
+
+
+def parse_bytes(text: str) -> float:
+    """``"40GiB"``, ``"24GB"``, ``"1.5e10"`` → bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
+    low = text.strip().lower()
+    for unit, scale in units.items():
+        if low.endswith(unit):
+            return float(low[: -len(unit)]) * scale
+    return float(low)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,12 +191,14 @@ def _parser() -> argparse.ArgumentParser:
     d = Cluster()
     p.add_argument("--devices", type=int, default=d.devices)
     p.add_argument("--flops", type=float, default=d.flops, help="sustained FLOP/s per device (default %(default)g)")
-    p.add_argument("--memory", type=float, default=d.memory, help="bytes per device (default 40 GiB)")
+    p.add_argument("--memory", type=parse_bytes, default=d.memory, help="per device, e.g. 32GiB (default 40GiB)")
     p.add_argument("--tp-bandwidth", type=float, default=d.tp_bandwidth, help="bytes/s (default %(default)g)")
     p.add_argument("--pp-bandwidth", type=float, default=d.pp_bandwidth, help="bytes/s (default %(default)g)")
     p.add_argument("--dp-bandwidth", type=float, default=d.dp_bandwidth, help="bytes/s (default %(default)g)")
     p.add_argument("--latency", type=float, default=d.latency, help="seconds per message (default %(default)g)")
     p.add_argument("--verbose", action="store_true", help="print the inputs and per-stage ratios and peaks")
+    p.add_argument("--trace", help="write the first model's simulated Merak step as Chrome-trace JSON (Perfetto)")
+    p.add_argument("--gantt", help="write the first model's simulated Merak step as a PNG (needs matplotlib)")
     return p
 
 
@@ -188,7 +209,7 @@ def main_simulate(argv: list[str] | None = None) -> int:
                       args.dp_bandwidth, args.latency)
     names = args.model or list(PRESETS)
     print(f"{'model':<10} {'params':>7} {'dp,pp,tp':>9} {'mb x m':>7} {'1f1b+full (s)':>14} {'merak (s)':>10} "
-          f"{'speedup':>8}  stage-aware ratios")
+          f"{'speedup':>8} {'1f1b none (s)':>14}  stage-aware ratios")
     status = 0
     for name in names:
         model, layout = PRESETS[name]
@@ -205,7 +226,17 @@ def main_simulate(argv: list[str] | None = None) -> int:
             continue
         print(f"{name:<10} {model.parameters / 1e9:>6.2f}B {f'{layout.dp},{layout.pp},{layout.tp}':>9} "
               f"{f'{layout.micro_batch}x{layout.microbatches}':>7} {proj.baseline_step:>14.3f} "
-              f"{proj.merak_step:>10.3f} {proj.speedup:>7.2f}x  {[round(r, 2) for r in proj.merak_ratios]}")
+              f"{proj.merak_step:>10.3f} {proj.speedup:>7.2f}x "
+              f"{f'{proj.no_recompute_step:.3f}' if proj.no_recompute_fits else 'OOM':>14}  "
+              f"{[round(r, 2) for r in proj.merak_ratios]}")
+        if args.trace and name == names[0]:
+            from lightning_merak.pipeline.timeline import write_chrome_trace
+
+            print(f"{'':<10} trace: {write_chrome_trace(proj.merak_timeline, args.trace, name=name)}")
+        if args.gantt and name == names[0]:
+            from lightning_merak.pipeline.timeline import plot_gantt
+
+            print(f"{'':<10} gantt: {plot_gantt(proj.merak_timeline, args.gantt, title=f'{name}: shifted critical path')}")
         if args.verbose:
             gib = [round(p / 2**30, 1) for p in proj.merak_peak]
             base = [round(p / 2**30, 1) for p in proj.baseline_peak]

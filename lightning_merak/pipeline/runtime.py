@@ -17,6 +17,7 @@ asserts, loss on the last stage, ``backward_counter``/``last_backward`` for the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -59,37 +60,64 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 
 class ActionListSchedule(_PipelineScheduleRuntime):
-    """Runs a ``Schedule`` (action lists) with Merak's pre-checkpoint / pre-recompute handlers.
+    """Runs any ``Schedule`` (action lists) with our F/B/I/W handlers, which add Merak's instructions.
 
     ``pre_checkpointed`` overrides the schedule's side table of (stage, micro-batch) pairs whose forward keeps
-    only inputs; pass an empty set to run the same order with ordinary forwards.
+    only inputs; pass an empty set to run the same order with ordinary forwards. With ``record_timeline`` each
+    compute action's wall-clock interval is appended to ``timeline_events`` as ``{"rank", "action", "start",
+    "end"}`` (seconds since the step began), ready for ``timeline.to_chrome_trace``.
     """
 
     def __init__(self, stages: Sequence[PipelineStage], schedule: Schedule, loss_fn: Callable | None = None, *,
-                 pre_checkpointed: Collection[tuple[int, int]] | None = None, scale_grads: bool = False, **kwargs):
+                 pre_checkpointed: Collection[tuple[int, int]] | None = None, scale_grads: bool = False,
+                 record_timeline: bool = False, **kwargs):
         super().__init__(list(stages), schedule.num_microbatches, loss_fn=loss_fn, scale_grads=scale_grads, **kwargs)
         if schedule.num_ranks != self.pp_group_size:
             raise ScheduleError(f"schedule {schedule.name!r} is for {schedule.num_ranks} pipeline ranks but the "
                                 f"stage's group has {self.pp_group_size}.")
         self.schedule = schedule
         self.pre_checkpointed = frozenset(schedule.pre_checkpointed() if pre_checkpointed is None else pre_checkpointed)
+        self.record_timeline = record_timeline
+        self.timeline_events: list[dict] = []
+        self._t0 = 0.0
         self._saved: dict[tuple[int, int], tuple[tuple, dict, Any]] = {}
-        torch_actions = to_torch_actions(schedule)
-        self.pipeline_order = {r: list(acts) for r, acts in enumerate(torch_actions)}
+        self.pipeline_order = {r: list(acts) for r, acts in enumerate(to_torch_actions(schedule))}
         self._prepare_schedule_with_comms(self.pipeline_order)
-        if self.pre_checkpointed:
-            self.register_custom_function(_ComputationType.FORWARD, self._forward)
-            self.register_custom_function(_ComputationType.FULL_BACKWARD, self._backward)
+        self.register_custom_function(_ComputationType.FORWARD, self._timed(self._forward))
+        self.register_custom_function(_ComputationType.FULL_BACKWARD, self._timed(self._backward))
+        self.register_custom_function(_ComputationType.BACKWARD_INPUT, self._timed(self._backward))
+        self.register_custom_function(_ComputationType.BACKWARD_WEIGHT, self._timed(self._weight_backward))
+
+    def _step_microbatches(self, *args, **kwargs):
+        self._t0 = time.perf_counter()
+        self.timeline_events.clear()
+        return super()._step_microbatches(*args, **kwargs)
+
+    def _record(self, label: str, start: float) -> None:
+        if self.record_timeline:
+            self.timeline_events.append({"rank": self.rank, "action": label, "start": start - self._t0,
+                                         "end": time.perf_counter() - self._t0})
+
+    def _timed(self, handler: Callable) -> Callable:
+        def run(action, ctx: _PipelineContext) -> None:
+            start = time.perf_counter()
+            handler(action, ctx)
+            flag = "pc" if (action.stage_index, action.microbatch_index) in self.pre_checkpointed else ""
+            flag = flag if action.computation_type == _ComputationType.FORWARD else ("rc" if flag else "")
+            self._record(f"{action}{flag}", start)
+        return run
 
     def _stage(self, index: int) -> PipelineStage:
         return next(s for s in self._stages if s.stage_index == index)
 
+    def _local(self) -> set[int]:
+        return {s.stage_index for s in self._stages}
+
     def _forward(self, action, ctx: _PipelineContext) -> None:
         st, mb = action.stage_index, action.microbatch_index
         stage = self._stage(st)
-        local = {s.stage_index for s in self._stages}
         self._assert_unsharded(stage)
-        if not stage.is_first and st - 1 not in local:
+        if not stage.is_first and st - 1 not in self._local():
             _wait_batch_p2p(self.fwd_recv_ops.pop((st, mb)))
         args, kwargs = ctx.arg_mbs[mb], ctx.kwarg_mbs[mb]
         if (st, mb) in self.pre_checkpointed:
@@ -102,55 +130,68 @@ class ActionListSchedule(_PipelineScheduleRuntime):
         else:
             output = stage.forward_one_chunk(mb, args, kwargs)
         self._maybe_compute_loss(stage, output, ctx.target_mbs, mb)
-        if st + 1 in local:
+        if st + 1 in self._local():   # V placement: the next stage is on this rank, no send/recv
             self._stage(st + 1).set_local_fwd_input(output, mb)
 
     def _recompute(self, stage: PipelineStage, mb: int) -> None:
         """Re-run the stage forward with grad from the kept inputs; replace ``fwd_cache[mb]``."""
+        start = time.perf_counter()
         args, kwargs, rng = self._saved.pop((stage.stage_index, mb))
         _, flat_inputs = stage.fwd_cache.pop(mb)
         if stage.is_first:
-            inputs = args
-        else:  # received buffers went through a no_grad forward: requires_grad is off, re-enable it on a leaf
+            inputs, flat = args, list(flat_inputs)
+        else:  # the receive buffers went through a no_grad forward: requires_grad is off, re-enable on leaves
             received = flat_inputs[: len(stage.args_recv_info[mb])]   # fwd_cache keeps args, then kwargs
             inputs = tuple(t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
                            for t in received)
+            flat = list(inputs)
         current = _rng_state(stage.device)
-        _set_rng_state(rng, stage.device)
+        _set_rng_state(rng, stage.device)   # same dropout masks as the pre-checkpointed forward
         try:
             with torch.enable_grad():
                 output = stage.submod(*inputs, **kwargs)
         finally:
             _set_rng_state(current, stage.device)
-        flat = list(inputs) if not stage.is_first else list(flat_inputs)
         stage.fwd_cache[mb] = (_normalize_model_output_as_tuple(output), flat)
+        self._record(f"{stage.stage_index}R{mb}", start)
 
     def _backward(self, action, ctx: _PipelineContext) -> None:
+        """B (full) or I (input-gradient only); recomputes first when pre-checkpointed (``RecomputeRecvGrad``)."""
         st, mb = action.stage_index, action.microbatch_index
+        full = action.computation_type == _ComputationType.FULL_BACKWARD
         stage = self._stage(st)
-        local = {s.stage_index for s in self._stages}
         self._assert_unsharded(stage)
         if (st, mb) in self.pre_checkpointed:
             self._recompute(stage, mb)   # the gradient receive is already posted: this overlaps it
-        if not stage.is_last and st + 1 not in local:
+        if not stage.is_last and st + 1 not in self._local():
             _wait_batch_p2p(self.bwd_recv_ops.pop((st, mb)))
         loss = self._maybe_get_loss(stage, mb)
-        self.backward_counter[st] += 1
-        last_backward = self.backward_counter[st] == self._n_microbatches
-        stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last_backward)
-        if st - 1 in local:
+        last_backward = False
+        if full:
+            self.backward_counter[st] += 1
+            last_backward = self.backward_counter[st] == self._n_microbatches
+        stage.backward_one_chunk(mb, loss=loss, full_backward=full, last_backward=last_backward)
+        if st - 1 in self._local():
             self._stage(st - 1).set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
+
+    def _weight_backward(self, action, ctx: _PipelineContext) -> None:
+        st, mb = action.stage_index, action.microbatch_index
+        stage = self._stage(st)
+        self._assert_unsharded(stage)
+        self.backward_counter[st] += 1
+        stage.backward_weight_one_chunk(mb, last_backward=self.backward_counter[st] == self._n_microbatches)
 
 
 def build_schedule(name: str, stage: PipelineStage | Sequence[PipelineStage], n_microbatches: int,
                    loss_fn: Callable | None, *, recompute_table: Collection[tuple[int, int]] | None = None,
-                   scale_grads: bool = False):
+                   scale_grads: bool = False, record_timeline: bool = False):
     """The torch schedule object that runs ``name`` over this rank's stage(s).
 
     ``stage``: one ``PipelineStage`` (gpipe, 1f1b, shifted_critical_path) or a list of two (interleaved_1f1b,
     zbv). ``recompute_table``: (stage, micro-batch) pairs to pre-checkpoint under shifted_critical_path
-    (default: Merak's, from the schedule). Micro-batch rules are checked by the action-list builders, so a bad
-    count fails here with the rule in the message.
+    (default: Merak's, from the schedule). ``record_timeline``: run on ``ActionListSchedule`` whatever the
+    name, so that ``.timeline_events`` holds this rank's real (action, start, end) records after each step.
+    Micro-batch rules are checked by the action-list builders, so a bad count fails here with the rule.
     """
     if name not in SCHEDULE_NAMES:
         raise ScheduleError(f"unknown pipeline schedule {name!r}; choose one of {list(SCHEDULE_NAMES)}.")
@@ -160,15 +201,16 @@ def build_schedule(name: str, stage: PipelineStage | Sequence[PipelineStage], n_
         raise ScheduleError(f"pipeline_schedule={name!r} runs {want} stage(s) per rank; got {len(stages)}.")
     group_size = stages[0].group_size
     plan = make_schedule(name, group_size, n_microbatches)   # validates the micro-batch rules
+    if record_timeline or recompute_table or name == "shifted_critical_path":
+        return ActionListSchedule(stages, plan, loss_fn, pre_checkpointed=recompute_table, scale_grads=scale_grads,
+                                  record_timeline=record_timeline)
     if name == "gpipe":
         return ScheduleGPipe(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     if name == "1f1b":
         return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     if name == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    if name == "zbv":
-        return ScheduleZBVZeroBubble(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    return ActionListSchedule(stages, plan, loss_fn, pre_checkpointed=recompute_table, scale_grads=scale_grads)
+    return ScheduleZBVZeroBubble(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
 
 
 def forward_only_schedule(stage: PipelineStage, n_microbatches: int):

@@ -91,7 +91,29 @@ KIND = {"gpt2": "causal", "gpt2_tied": "causal", "llama": "causal", "bert": "seq
         "resnet": "resnet", "bart": "seq2seq", "sequential": "plain", "custom_loss": "plain"}
 
 
-class HFModule(pl.LightningModule):
+class _Base(pl.LightningModule):
+    """Data and optimizer shared by the test modules."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def _loader(self, seed: int, shuffle: bool) -> DataLoader:
+        kind = KIND[self.hparams.name]
+        collate = variable_length_collate if self.hparams.variable_length else None
+        return DataLoader(DictData(kind, self.hparams.n, seed=seed), batch_size=self.hparams.batch_size,
+                          shuffle=shuffle, collate_fn=collate)
+
+    def train_dataloader(self):
+        return self._loader(0, True)
+
+    def val_dataloader(self):
+        return self._loader(1, False)
+
+    def predict_dataloader(self):
+        return self._loader(2, False)
+
+
+class HFModule(_Base):
     """HF style: ``loss = self.model(**batch).loss``."""
 
     def __init__(self, name: str = "gpt2", lr: float = 0.1, batch_size: int = 8, n: int = 32,
@@ -113,31 +135,13 @@ class HFModule(pl.LightningModule):
     def predict_step(self, batch, batch_idx):
         return self.model(**batch).logits
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
-    def _loader(self, seed: int, shuffle: bool) -> DataLoader:
-        kind = KIND[self.hparams.name]
-        collate = variable_length_collate if self.hparams.variable_length else None
-        return DataLoader(DictData(kind, self.hparams.n, seed=seed), batch_size=self.hparams.batch_size,
-                          shuffle=shuffle, collate_fn=collate)
-
-    def train_dataloader(self):
-        return self._loader(0, True)
-
-    def val_dataloader(self):
-        return self._loader(1, False)
-
-    def predict_dataloader(self):
-        return self._loader(2, False)
-
-
-class SequentialModule(HFModule):
+class SequentialModule(_Base):
     """Plain PyTorch: nested ``nn.Sequential``; ``logits = self(x)`` then a loss in the step."""
 
     def __init__(self, name: str = "sequential", lr: float = 0.1, batch_size: int = 8, n: int = 32,
                  variable_length: bool = False) -> None:
-        pl.LightningModule.__init__(self)
+        super().__init__()
         self.save_hyperparameters()
         block = lambda: nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Sequential(nn.Linear(32, 32), nn.Tanh()))  # noqa: E731
         self.net = nn.Sequential(nn.Linear(16, 32), *[block() for _ in range(4)], nn.Linear(32, 4))

@@ -89,7 +89,7 @@ def test_validate_catches_a_deadlock_and_a_backward_before_forward() -> None:
 
 @pytest.mark.parametrize("m", [1, 2, 3])
 def test_shifted_critical_path_needs_four_microbatches(m: int) -> None:
-    with pytest.raises(ScheduleError, match=r"num_microbatches >= 4 .* got %d" % m):
+    with pytest.raises(ScheduleError, match=rf"num_microbatches >= 4 .* got {m}"):
         shifted_critical_path(2, m)
 
 
