@@ -72,11 +72,12 @@ def build_engine(strategy: Any, trainer: Any) -> Any:
     warn_batch_coupled(pipelined, pp)
 
     stage_module, plan, tied = None, None, []
+    tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None  # on the whole module
     if pp > 1:
         stage_module, plan = apply_pipeline(pipelined, example, pp, mesh["pp"].get_local_rank(), config.partition)
         tied = tied_parameter_groups(lightning_module, path, plan, mesh)
-    if tp > 1:
-        apply_tp(pipelined, example, mesh, config.subtensor_chunks)
+    if tp_plan is not None:
+        apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     if pp > 1:
         apply_recompute(stage_module, plan, config, mesh["pp"].get_local_rank())
     if plan is not None:
@@ -99,11 +100,18 @@ def apply_pipeline(pipelined: nn.Module, example: tuple[tuple, dict], num_stages
     return build_stage(pipelined, plan, stage_index), plan
 
 
-def apply_tp(pipelined: nn.Module, example: tuple[tuple, dict], mesh: Any, chunks: int) -> None:
-    from lightning_merak.tensor_parallel import apply_tensor_parallel, tp_plan_for
+def tensor_parallel_plan(pipelined: nn.Module, example: tuple[tuple, dict], tp: int) -> Any:
+    """Which module gets which TP style, detected on the whole module before any stage is cut out of it."""
+    from lightning_merak.tensor_parallel import tp_plan_for
 
-    tp_plan = tp_plan_for(pipelined, mesh["tp"].size(), example)
-    rank_zero_info(f"Merak tensor-parallel plan (tp={mesh['tp'].size()}):\n{tp_plan.table()}")
+    tp_plan = tp_plan_for(pipelined, tp, example)
+    rank_zero_info(f"Merak tensor-parallel plan:\n{tp_plan.table()}")
+    return tp_plan
+
+
+def apply_tp(pipelined: nn.Module, tp_plan: Any, mesh: Any, chunks: int) -> None:
+    from lightning_merak.tensor_parallel import apply_tensor_parallel
+
     apply_tensor_parallel(pipelined, mesh["tp"], tp_plan, subtensor_chunks=chunks)
 
 

@@ -201,7 +201,9 @@ class _SegmentCall:
         captured: list[torch.Tensor] = []
 
         def pack(t: torch.Tensor) -> int:
-            captured.append(t)
+            # Detached: the replay graph's nodes hold these hooks, so a tensor with its grad_fn here would
+            # form a cycle through C++ nodes that Python's GC cannot see (a leak of every replayed tensor).
+            captured.append(t.detach())
             return len(captured) - 1
 
         buffers = [(b, b.detach().clone()) for b in self.module.buffers()]

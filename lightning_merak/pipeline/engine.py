@@ -8,6 +8,7 @@ evaluation runs a forward-only pipeline of one micro-batch with plain point-to-p
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from lightning_merak.pipeline.takeover import (
 )
 
 log = logging.getLogger(__name__)
+
+TRACED_STEPS = 5  # real-run timelines are written for the first steps only (one JSON file per step)
 
 
 def _signature(inputs: list[tuple[tuple, dict]]) -> tuple:
@@ -56,6 +59,7 @@ class PipelineEngine:
         self.runner = StageRunner(stage_module, pipelined, lightning_module, self.is_last)
         self.tied_groups = tied_groups  # [(group, [param names])] summed across the stages that hold them
         self._schedules: dict[tuple, Any] = {}
+        self.trace_dir = strategy.config.trace_dir
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: Any) -> None:
@@ -76,7 +80,8 @@ class PipelineEngine:
                                   input_args=recv_metas,
                                   output_args=send_metas, group=self.pp_group)
             self._schedules[signature] = build_schedule(self.schedule_name, stage, self.num_microbatches,
-                                                        loss_fn=_identity_loss)
+                                                        loss_fn=_identity_loss,
+                                                        record_timeline=self.trace_dir is not None)
         return self._schedules[signature]
 
     def training_step(self, batch: Any, batch_idx: int, *args: Any) -> torch.Tensor:
@@ -105,7 +110,24 @@ class PipelineEngine:
         self._sum_tied_grads()
         if self.strategy._sync_grads:
             self.strategy.sync_data_parallel_grads()
+        if self.trace_dir is not None:
+            self._write_timeline(schedule, trainer.global_step)
         return self._finish_step()
+
+    def _write_timeline(self, schedule: Any, step: int) -> None:
+        """Gather every rank's (action, start, end) records of this step to rank 0 as a Chrome trace."""
+        if step >= TRACED_STEPS:
+            return
+        from lightning_merak.pipeline.timeline import write_chrome_trace
+
+        events = [dict(e, rank=dist.get_rank()) for e in schedule.timeline_events]
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(events, gathered, dst=0)
+        if gathered is not None:
+            path = Path(self.trace_dir) / f"pipeline_step{step}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_chrome_trace([e for rank_events in gathered for e in rank_events], path,
+                               name=f"{self.schedule_name} step {step}")
 
     def _finish_step(self) -> torch.Tensor:
         """Broadcast the batch loss and the logged values from the last stage; replay the logs everywhere."""

@@ -64,9 +64,9 @@ def ratios_for_budget(schedule: Schedule, costs: Sequence[StageCosts], memory_bu
             trial[st] = r
         return static[rank] + simulate(schedule, with_ratios(costs, trial), link).peak_memory_per_rank[rank]
 
-    for rank in reversed(range(schedule.num_ranks)):  # the last stage usually needs none: cheap first
-        if peak(rank, 0.0) <= memory_budget:
-            continue
+    def solve(rank: int) -> None:
+        if peak(rank, ratios[schedule.stages_of(rank)[0]]) <= memory_budget:
+            return
         worst = peak(rank, 1.0)
         if worst > memory_budget:
             stages = schedule.stages_of(rank)
@@ -76,7 +76,7 @@ def ratios_for_budget(schedule: Schedule, costs: Sequence[StageCosts], memory_bu
                 f"{_fmt_bytes(static[rank])}). Raise memory_budget, use more pipeline stages, fewer micro-batches "
                 f"in flight (another schedule) or smaller micro-batches."
             )
-        lo, hi = 0.0, 1.0
+        lo, hi = ratios[schedule.stages_of(rank)[0]], 1.0
         while hi - lo > tol:
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if peak(rank, mid) <= memory_budget else (mid, hi)
@@ -87,6 +87,11 @@ def ratios_for_budget(schedule: Schedule, costs: Sequence[StageCosts], memory_bu
             hi = k / layers_per_stage
         for st in schedule.stages_of(rank):
             ratios[st] = hi
+
+    # Last rank first (it usually needs none); a second pass catches a peak moved by the others' new timing.
+    for _ in range(2):
+        for rank in reversed(range(schedule.num_ranks)):
+            solve(rank)
     return ratios
 
 

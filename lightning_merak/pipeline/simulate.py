@@ -92,6 +92,8 @@ class Event:
 
 @dataclass(frozen=True)
 class SimResult:
+    """Makespan; bubble = idle share of ranks x makespan (recomputation counts as busy); peaks in bytes."""
+
     makespan: float
     bubble_fraction: float
     busy: tuple[float, ...]                 # compute time per rank, recomputation included

@@ -9,9 +9,10 @@ Composed in order by the strategy::
 """
 
 from lightning_merak.tensor_parallel.apply import apply_tensor_parallel
+from lightning_merak.tensor_parallel.checkpoint import make_optimizer_checkpointable
 from lightning_merak.tensor_parallel.clip import clip_grad_norm_
 from lightning_merak.tensor_parallel.plan import STYLES, TPPlan, tp_plan_for
 from lightning_merak.tensor_parallel.styles import ColumnParallel, MultiheadAttentionParallel, RowParallel
 
 __all__ = ["STYLES", "ColumnParallel", "MultiheadAttentionParallel", "RowParallel", "TPPlan",
-           "apply_tensor_parallel", "clip_grad_norm_", "tp_plan_for"]
+           "apply_tensor_parallel", "clip_grad_norm_", "make_optimizer_checkpointable", "tp_plan_for"]

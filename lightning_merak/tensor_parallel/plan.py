@@ -62,7 +62,12 @@ class TPPlan:
 
 
 def tp_plan_for(module: nn.Module, tp_size: int, example_inputs: tuple | dict | None = None) -> TPPlan:
-    """The model's TP plan: its transformers plan if it has one, else detected from a forward on example inputs."""
+    """The model's TP plan: its transformers plan if it has one, else detected from a forward on example inputs.
+
+    ``example_inputs``: positional inputs (a tuple or one tensor), keyword inputs (a dict), or ``(args, kwargs)``;
+    None builds small ones from the model's config or signature. Call it on the whole model, before pipeline
+    stages are cut out of it; the forward runs in eval mode with the RNG state restored afterwards.
+    """
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     styles, fused = _hf_plan(module)
@@ -184,12 +189,18 @@ def _detect_plan(module: nn.Module, example_inputs) -> tuple[dict[str, str], dic
 
         handles += [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post)]
     args, kwargs = _example_inputs(module, example_inputs)
+    # no side effects on the run that follows: no RNG draws (dropout), no BatchNorm statistics, modes restored
+    modes = {m: m.training for m in module.modules()}
+    devices = [d for d in {a.device for a in module.parameters()} if d.type == "cuda"]
     try:
-        with tracer, torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), tracer, torch.enable_grad():
+            module.eval()
             module(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
 
     cols = {a for a, _ in edges}
     rows = {b for _, b in edges}
@@ -238,6 +249,9 @@ def _example_inputs(module: nn.Module, example_inputs) -> tuple[tuple, dict]:
     """The inputs given, or small ones built from the model's config / signature (token ids, pixel values)."""
     if isinstance(example_inputs, dict):
         return (), example_inputs
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], (tuple, list))
+            and isinstance(example_inputs[1], dict)):
+        return tuple(example_inputs[0]), example_inputs[1]  # (args, kwargs)
     if example_inputs is not None:
         return (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
     device = next((p.device for p in module.parameters()), torch.device("cpu"))

@@ -6,10 +6,11 @@ runs on ``.to_local()`` shards inside custom autograd Functions that own the col
 - column-parallel: forward needs no communication; backward all-reduces the input gradient.
 - row-parallel: forward all-reduces the partial output; backward needs no communication.
 
-With ``chunks = k > 1`` the communicating direction splits the batch (dim 0) into k sub-tensors, starts each
-chunk's all-reduce asynchronously (``async_op=True``) and computes the next chunk meanwhile, waiting only
-before the concatenation (Merak's sub-pipelined TP, level 1, with k chunks instead of 2). Rows of a matmul
-are independent, so the result equals k = 1.
+With ``chunks = k > 1`` the communicating direction splits the batch (dim 0; the sequence, dim 1, when a
+micro-batch has fewer than k samples) into k sub-tensors, starts each chunk's all-reduce asynchronously
+(``async_op=True``) and computes the next chunk meanwhile, waiting only before the concatenation (Merak's
+sub-pipelined TP, level 1, with k chunks instead of 2). Rows of a matmul are independent, so the result
+equals k = 1.
 """
 
 from __future__ import annotations
@@ -26,22 +27,28 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_merak._compat import _StridedShard
+from lightning_merak.tensor_parallel.checkpoint import _checkpoint_as_contiguous_shards
 
 
-def _chunks(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    return x.chunk(max(1, min(k, x.shape[0]))) if x.dim() > 0 else (x,)
+def _split_dim(x: torch.Tensor, k: int) -> int:
+    """The batch dimension; the sequence dimension when a micro-batch is smaller than k (pipelines use 1)."""
+    return 1 if x.dim() >= 3 and x.shape[0] < k <= x.shape[1] else 0
 
 
 def _chunked_all_reduce(compute, x: torch.Tensor, k: int, group) -> torch.Tensor:
-    """``cat([all_reduce(compute(c)) for c in x.chunk(k)])``, chunk i's all-reduce overlapping chunk i+1's compute."""
+    """``cat([all_reduce(compute(c)) for c in x.chunk(k)])``, chunk i's all-reduce overlapping chunk i+1's compute.
+
+    ``compute`` acts on the last dimension only, so any split of the others gives the same numbers.
+    """
+    dim = _split_dim(x, k)
     outs, works = [], []
-    for c in _chunks(x, k):
+    for c in x.chunk(max(1, min(k, x.shape[dim])), dim=dim):
         y = compute(c).contiguous()
         works.append(dist.all_reduce(y, group=group, async_op=True))
         outs.append(y)
     for w in works:
         w.wait()
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=dim)
 
 
 class _ColumnParallelMatmul(torch.autograd.Function):
@@ -77,9 +84,7 @@ class _RowParallelMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, group, k):  # x: (..., in_local), w: (in_local, out)
         ctx.save_for_backward(x, w)
-        lead = x.shape[:-1]
-        y = _chunked_all_reduce(lambda c: c.reshape(-1, c.shape[-1]) @ w, x, k, group)
-        return y.view(*lead, w.shape[-1])
+        return _chunked_all_reduce(lambda c: c @ w, x, k, group)
 
     @staticmethod
     def backward(ctx, gy):
@@ -103,34 +108,6 @@ def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placement) -> No
         return
     module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [placement]),
                                                  requires_grad=param.requires_grad))
-
-
-def _checkpoint_as_contiguous_shards(module: nn.Module, names: tuple[str, ...], mesh: DeviceMesh) -> None:
-    """Present strided (per-head q|k|v) parameters to state dicts as plain ``Shard``s of the same full tensor.
-
-    DCP stores one contiguous box per rank and rejects a strided shard ("overlapping chunks"). At checkpoint
-    time these hooks all-gather the parameter and hand out a contiguous shard instead (so ``get_model_state_dict``
-    + DCP work and a tp=2 checkpoint loads into tp=1 and back); loading converts back to the strided layout.
-    """
-    def as_shard(_module, state_dict, prefix, _metadata):
-        for name in names:
-            value = state_dict.get(prefix + name)
-            if isinstance(value, DTensor) and isinstance(value.placements[0], _StridedShard):
-                dim = value.placements[0].dim
-                state_dict[prefix + name] = distribute_tensor(value.full_tensor(), mesh, [Shard(dim)],
-                                                              src_data_rank=None)
-
-    def as_strided(_module, state_dict, prefix, *_args):
-        for name in names:
-            value, param = state_dict.get(prefix + name), getattr(_module, name, None)
-            if value is None or not isinstance(param, DTensor):
-                continue
-            full = value.full_tensor() if isinstance(value, DTensor) else value
-            state_dict[prefix + name] = distribute_tensor(full.to(param.dtype), mesh, param.placements,
-                                                          src_data_rank=None)
-
-    module.register_state_dict_post_hook(as_shard)
-    module.register_load_state_dict_pre_hook(as_strided)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -161,7 +138,7 @@ class ColumnParallel(ParallelStyle):
         _distribute(module, "weight", device_mesh, weight_pl)
         _distribute(module, "bias", device_mesh, bias_pl)
         if self.fused > 1:
-            _checkpoint_as_contiguous_shards(module, ("weight", "bias"), device_mesh)
+            _checkpoint_as_contiguous_shards(module, ("weight", "bias"))
         group, k = device_mesh.get_group(), self.chunks
 
         def forward(self_: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +192,7 @@ class MultiheadAttentionParallel(ParallelStyle):
                                       f"add_bias_kv=False; got {module}")
         _distribute(module, "in_proj_weight", device_mesh, _StridedShard(0, split_factor=3))
         _distribute(module, "in_proj_bias", device_mesh, _StridedShard(0, split_factor=3))
-        _checkpoint_as_contiguous_shards(module, ("in_proj_weight", "in_proj_bias"), device_mesh)
+        _checkpoint_as_contiguous_shards(module, ("in_proj_weight", "in_proj_bias"))
         RowParallel(self.chunks)._apply(module.out_proj, device_mesh)
         module.local_num_heads = module.num_heads // device_mesh.size()
         group, k = device_mesh.get_group(), self.chunks

@@ -52,20 +52,22 @@ def variable_length_collate(batch: list[dict]) -> dict:
     return {"input_ids": ids[:, :length], "labels": ids[:, :length]}
 
 
-def build_hf(name: str) -> nn.Module:
+def build_hf(name: str, dropout: float = 0.0) -> nn.Module:
     import transformers as tf
 
     common = dict(vocab_size=128)
     if name == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=32, n_head=2, n_positions=32, resid_pdrop=0.0,
-                                                embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False, **common))
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=32, n_head=2, n_positions=32, resid_pdrop=dropout,
+                                                embd_pdrop=dropout, attn_pdrop=dropout, tie_word_embeddings=False,
+                                                **common))
     if name == "gpt2_tied":
         return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=32, n_head=2, n_positions=32, resid_pdrop=0.0,
                                                 embd_pdrop=0.0, attn_pdrop=0.0, **common))
     if name == "llama":
         return tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
                                                   num_attention_heads=4, num_key_value_heads=2,
-                                                  max_position_embeddings=32, tie_word_embeddings=False, **common))
+                                                  max_position_embeddings=32, tie_word_embeddings=False,
+                                                  attention_dropout=dropout, **common))
     if name == "bert":
         return tf.BertForSequenceClassification(tf.BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
                                                               intermediate_size=64, hidden_dropout_prob=0.0,
@@ -83,7 +85,8 @@ def build_hf(name: str) -> nn.Module:
                                                              encoder_attention_heads=2, decoder_attention_heads=2,
                                                              encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0,
                                                              attention_dropout=0.0, activation_dropout=0.0,
-                                                             max_position_embeddings=32, **common))
+                                                             max_position_embeddings=32, tie_word_embeddings=False,
+                                                             **common))
     raise ValueError(name)
 
 
@@ -117,10 +120,10 @@ class HFModule(_Base):
     """HF style: ``loss = self.model(**batch).loss``."""
 
     def __init__(self, name: str = "gpt2", lr: float = 0.1, batch_size: int = 8, n: int = 32,
-                 variable_length: bool = False) -> None:
+                 variable_length: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_hf(name)
+        self.model = build_hf(name, dropout)
         self.step_losses: list[float] = []
 
     def training_step(self, batch, batch_idx):

@@ -48,7 +48,7 @@ def reference_grads(n_mb: int, parts: int) -> list[dict[str, torch.Tensor]]:
 
 
 def run_schedule(rank: int, world: int, name: str, n_mb: int, *, dropout: float = 0.0, table=None,
-                 record: bool = False) -> dict:
+                 record: bool = False, steps: int = 1) -> dict:
     """One training step of ``name``; returns {global stage index: {param name: grad}} and the losses."""
     from torch.distributed.pipelining import PipelineStage
 
@@ -66,7 +66,8 @@ def run_schedule(rank: int, world: int, name: str, n_mb: int, *, dropout: float 
     losses: list = []
     args = (x,) if 0 in local else ()
     target = y if plan.num_stages - 1 in local else None
-    sched.step(*args, target=target, losses=losses)
+    for _ in range(steps):   # gradients accumulate over steps: the schedule object is reused, as in training
+        sched.step(*args, target=target, losses=losses)
     return {"grads": {i: {k: p.grad.clone() for k, p in parts[i].named_parameters()} for i in local},
             "losses": [float(v) for v in losses], "events": list(getattr(sched, "timeline_events", [])),
             "runtime": type(sched).__name__}
@@ -91,6 +92,7 @@ def worker(rank: int, world: int, n_mb: int) -> dict:
     out["1f1b_recorded"] = run_schedule(rank, world, "1f1b", n_mb, record=True)
     out["zbv_recorded"] = run_schedule(rank, world, "zbv", n_mb, record=True)
     out["forward_only"] = run_forward_only(rank, world, n_mb)
+    out["scp_two_steps"] = run_schedule(rank, world, "shifted_critical_path", n_mb, steps=2)
     # Dropout: Merak's pre-checkpointed order must equal the same order without recomputation, bitwise; this
     # only holds if the recompute replays the RNG state of the pre-checkpointed forward.
     out["dropout_pc"] = run_schedule(rank, world, "shifted_critical_path", n_mb, dropout=0.3)
@@ -115,6 +117,10 @@ def check(results: list[dict], world: int, n_mb: int) -> None:
         for i, grads in res["dropout_pc"]["grads"].items():
             for k, g in grads.items():
                 assert torch.equal(g, res["dropout_plain"]["grads"][i][k]), f"dropout stage {i} {k}"
+    ref = reference_grads(n_mb, world)
+    for rank, res in enumerate(results):
+        for k, g in ref[rank].items():
+            torch.testing.assert_close(res["scp_two_steps"]["grads"][rank][k], 2 * g, rtol=1e-6, atol=1e-5)
     assert results[0]["shifted_critical_path"]["runtime"] == "ActionListSchedule"
     assert results[0]["1f1b"]["runtime"] == "Schedule1F1B"
     for rank, res in enumerate(results):   # one record per compute action, in the planned order

@@ -141,3 +141,54 @@ def dist_barrier() -> None:
     import torch.distributed as dist
 
     dist.barrier()
+
+
+def optimizer_checkpoint(rank: int, world: int, path: str) -> float:
+    """GPT-2 (strided c_attn) + SGD momentum at tp=2: DCP save of model and optimizer; reload into a fresh tp copy."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from lightning_merak.tensor_parallel import make_optimizer_checkpointable
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+
+    def trained(steps: int):
+        model = build("gpt2")
+        apply_tensor_parallel(model, mesh["tp"], tp_plan_for(model, world), subtensor_chunks=2)
+        opt = make_optimizer_checkpointable(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        for step in range(steps):
+            logits_and_loss("gpt2", model, batch("gpt2", seed=step))[1].backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    model, opt = trained(2)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    other, other_opt = trained(1)
+    msd, osd = get_state_dict(other, other_opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(other, other_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    want = {n: _full(opt.state[p]["momentum_buffer"]) for n, p in model.named_parameters()}
+    got = {n: _full(other_opt.state[p]["momentum_buffer"]) for n, p in other.named_parameters()}
+    params = _max_diff({n: _full(p.detach()) for n, p in other.named_parameters()},
+                       {n: _full(p.detach()) for n, p in model.named_parameters()})
+    return max(_max_diff(got, want), params)
+
+
+def batch_of_one(rank: int, world: int) -> dict:
+    """A micro-batch of one sample (pipelines): sub-tensor chunks split the sequence instead; same numbers."""
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    out = {}
+    for name in ("gpt2", "demo"):
+        inputs = {k: v[:1] for k, v in batch(name).items()}
+        ref, model = build(name), build(name)
+        apply_tensor_parallel(model, mesh["tp"], tp_plan_for(model, world), subtensor_chunks=4)
+        results = []
+        for m in (ref, model):
+            logits, loss = logits_and_loss(name, m, inputs)
+            loss.backward()
+            results.append((logits.detach(), {n: _full(p.grad) for n, p in m.named_parameters()}))
+        out[name] = max(float((results[0][0] - results[1][0]).abs().max()), _max_diff(results[1][1], results[0][1]))
+    return out

@@ -1,0 +1,284 @@
+"""Side by side at one memory budget: no management, full checkpointing, torch's save_on_cpu, and DELTA.
+
+    python benchmarks/memory.py [--models resnet50 gpt2] [--steps 3]
+
+For each model the budget is fixed so that the unmanaged run *just* fits a base batch ``b0``:
+``budget = 2 x parameter bytes + saved bytes of the unmanaged run at b0`` (DELTA's budget semantics:
+parameters, their gradients, saved activations). Each mode's largest batch is found by doubling from b0
+while it fits, then bisecting between the last fit and the first miss (capped at ``--cap`` x b0).
+
+This CPU has no device limit to run into, so "fits" is decided from saved-activation bytes resident on
+the device, measured on a real step at that batch:
+
+- none: every saved storage (distinct storages seen by ``saved_tensors_hooks``; all alive at forward end);
+- full checkpointing (non-reentrant ``checkpoint`` on every DELTA segment): the storages still saved
+  outside the checkpoints (segment inputs, the rest of the model) plus the largest segment's saved bytes,
+  which its recompute brings back at once in backward;
+- save_on_cpu: the largest segment's saved bytes (unpacks bring back at most one layer at a time);
+  on a real device its limit is host memory and transfer time, which this model does not see;
+- DELTA: the ledger's peak (real accounting of kept, prefetched and replayed storages), with a plan that
+  fits and a budget above DELTA's minimum.
+
+Throughput is measured on real steps (median of ``--steps`` after a warm-up; DELTA after its profiling
+step): each mode at its own largest batch (samples/s, ratio to the unmanaged run at b0), and all modes at
+one common batch (``2.5 x b0``, where the unmanaged run is over budget and timed only as a reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from lightning_merak.config import MerakConfigError
+from lightning_merak.memory import DeltaScheduler, find_segments
+
+MODES = ("none", "full", "save_on_cpu", "delta")
+
+
+def build(name: str, device: torch.device) -> tuple[nn.Module, Callable[[int], dict]]:
+    """A model from a transformers config (random init) and a batch maker."""
+    from transformers import GPT2Config, GPT2LMHeadModel, ResNetConfig, ResNetForImageClassification
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    if name == "resnet50":
+        cfg = ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
+                           num_labels=100)
+        model = ResNetForImageClassification(cfg)
+        size = 64 if device.type == "cuda" else 32
+
+        def batch(b: int) -> dict:
+            return {"pixel_values": torch.randn(b, 3, size, size, device=device),
+                    "labels": torch.randint(0, 100, (b,), device=device)}
+    else:
+        cuda = device.type == "cuda"
+        cfg = GPT2Config(n_layer=12 if cuda else 6, n_embd=768 if cuda else 256, n_head=12 if cuda else 4,
+                         vocab_size=8192, n_positions=256, use_cache=False, bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+        seq = 256 if device.type == "cuda" else 128
+
+        def batch(b: int) -> dict:
+            x = torch.randint(0, 8192, (b, seq), device=device)
+            return {"input_ids": x, "labels": x}
+    return model.to(device).train(), batch
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class SavedBytes:
+    """Distinct non-parameter storages saved under these hooks, and per segment call (for the largest)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = {id(t.untyped_storage()) for t in list(model.parameters()) + list(model.buffers())}
+        self.held: dict[int, torch.UntypedStorage] = {}
+        self.per_segment: list[int] = []
+        self.hooks = []
+        for _, seg in find_segments(model):
+            self.hooks.append(seg.register_forward_pre_hook(lambda m, a: self.per_segment.append(-len(self.held))))
+            self.hooks.append(seg.register_forward_hook(lambda m, a, o: self._close_segment()))
+
+    def _close_segment(self) -> None:
+        start = -self.per_segment.pop()
+        ids = list(self.held)[start:]
+        self.per_segment.append(sum(self.held[i].nbytes() for i in ids))
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if id(s) not in self.params:
+            self.held.setdefault(id(s), s)  # held alive for the measurement, so ids are not reused
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(s.nbytes() for s in self.held.values())
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def checkpoint_segments(model: nn.Module) -> Callable[[], None]:
+    """Full checkpointing: every DELTA segment through non-reentrant checkpoint; returns an undo."""
+    undo = []
+    for _, seg in find_segments(model):
+        inner = seg.forward
+
+        def wrapped(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        seg.forward = wrapped
+        undo.append(seg)
+
+    def restore() -> None:
+        for seg in undo:
+            del seg.forward
+
+    return restore
+
+
+class Runner:
+    """One model in one mode: steps, resident saved bytes, timing."""
+
+    def __init__(self, model: nn.Module, batch: Callable[[int], dict], mode: str, budget: int) -> None:
+        self.model, self.batch, self.mode, self.budget = model, batch, mode, budget
+        self.device = next(model.parameters()).device
+        self.undo = checkpoint_segments(model) if mode == "full" else None
+        self.delta = DeltaScheduler(model, budget, profile_steps=1) if mode == "delta" else None
+        self.segment_bytes = 0  # largest segment's saved bytes, measured unmanaged
+
+    def close(self) -> None:
+        if self.undo:
+            self.undo()
+        if self.delta:
+            self.delta.close()
+
+    def _forward_ctx(self):
+        if self.mode == "save_on_cpu":
+            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        if self.mode == "delta":
+            return self.delta.forward()
+        return contextlib.nullcontext()
+
+    def step(self, b: int, measure: SavedBytes | None = None) -> dict | None:
+        data = self.batch(b)
+        self.model.zero_grad(set_to_none=True)
+        with self._forward_ctx(), (saved_tensors_hooks(measure.pack, lambda t: t) if measure else contextlib.nullcontext()):
+            loss = self.model(**data).loss
+        loss.backward()
+        return self.delta.end_step() if self.delta else None
+
+    def resident_saved(self, b: int) -> int | None:
+        """Peak saved bytes on the device at batch b (see the module docstring); None if DELTA refuses."""
+        if self.mode == "delta":
+            try:
+                self.step(b)  # a new shape: profiled
+                stats = self.step(b)  # planned
+            except MerakConfigError:
+                return None
+            plan = self.delta.plans.get(next(reversed(self.delta.plans)))
+            return int(stats["delta/peak_bytes"]) if plan is not None and plan.fits else None
+        probe = SavedBytes(self.model)
+        if self.mode == "full":
+            self.step(b, probe)  # outer hooks see what checkpoint keeps
+            kept = probe.total
+            probe.remove()
+            return kept + self._largest_segment(b)
+        if self.mode == "save_on_cpu":
+            probe.remove()
+            return self._largest_segment(b)
+        self.step(b, probe)
+        probe.remove()
+        return probe.total
+
+    def _largest_segment(self, b: int) -> int:
+        undo, self.undo = self.undo, None
+        if undo:
+            undo()
+        probe = SavedBytes(self.model)
+        data = self.batch(b)
+        with saved_tensors_hooks(probe.pack, lambda t: t):
+            self.model(**data)
+        probe.remove()
+        if undo:
+            self.undo = checkpoint_segments(self.model)
+        return max(probe.per_segment, default=0)
+
+    def fits(self, b: int) -> bool:
+        resident = self.resident_saved(b)
+        return resident is not None and 2 * param_bytes(self.model) + resident <= self.budget
+
+    def seconds_per_step(self, b: int, steps: int) -> float:
+        if self.delta:
+            self.step(b)  # profiling step for this shape (not timed)
+        self.step(b)  # warm-up
+        times = []
+        for _ in range(steps):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.step(b)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def largest_batch(runner: Runner, b0: int, cap: int) -> int:
+    """Doubling from b0 while it fits, then bisection; 0 if b0 itself does not fit."""
+    if not runner.fits(b0):
+        return 0
+    lo, hi = b0, None
+    while hi is None:
+        nxt = lo * 2
+        if nxt > cap * b0:
+            return lo
+        if runner.fits(nxt):
+            lo = nxt
+        else:
+            hi = nxt
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if runner.fits(mid) else (lo, mid)
+    return lo
+
+
+def bench(name: str, b0: int, cap: int, steps: int, device: torch.device) -> list[dict]:
+    base, batch = build(name, device)
+    probe = SavedBytes(base)
+    torch.manual_seed(1)
+    with saved_tensors_hooks(probe.pack, lambda t: t):
+        base(**batch(b0))
+    probe.remove()
+    budget = 2 * param_bytes(base) + probe.total
+    print(f"\n## {name}: budget {budget / 2**20:.1f} MiB = 2 x params {param_bytes(base) / 2**20:.1f} MiB "
+          f"+ unmanaged saved bytes at b0={b0} ({probe.total / 2**20:.1f} MiB)", flush=True)
+    common = int(2.5 * b0 + 0.5)
+    rows = []
+    for mode in MODES:
+        runner = Runner(base, batch, mode, budget)
+        best = largest_batch(runner, b0, cap)
+        at_best = runner.seconds_per_step(best, steps) if best else float("nan")
+        at_common = runner.seconds_per_step(common, steps)
+        runner.close()
+        rows.append({"mode": mode, "batch": best, "s_best": at_best, "s_common": at_common})
+        print(f"  {mode}: largest batch {best}", flush=True)
+    ref = rows[0]
+    print(f"{'mode':<12} {'max batch':>9} {'x none':>7} {'samples/s':>10} {'x none':>7} "
+          f"| {'s/step @' + str(common):>12} {'x none':>7}")
+    for r in rows:
+        sps = r["batch"] / r["s_best"] if r["batch"] else float("nan")
+        ref_sps = ref["batch"] / ref["s_best"]
+        print(f"{r['mode']:<12} {r['batch']:>9} {r['batch'] / ref['batch']:>7.2f} {sps:>10.1f} {sps / ref_sps:>7.2f} "
+              f"| {r['s_common']:>12.3f} {r['s_common'] / ref['s_common']:>7.2f}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "gpt2"], choices=["resnet50", "gpt2"])
+    parser.add_argument("--b0", type=int, default=2, help="batch the unmanaged run just fits")
+    parser.add_argument("--cap", type=int, default=16, help="search up to cap x b0")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="DELTA: no plan fits")
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    for name in args.models:
+        bench(name, args.b0, args.cap, args.steps, torch.device(args.device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Eager stage building: this rank's stage runs the pipelined module's *own* forward.
+
+``build_stage`` prunes the module in place: blocks of other stages keep their structure but hold no
+parameters or buffers (they become plain meta tensors, so ``block.weight.dtype`` still reads), and their
+forward returns zeros shaped as the proxy capture recorded for that call. Parameter-free blocks (dropout,
+rotary tables) run for real on every stage. At the first use of each tensor the previous stage sends, the
+received value is written in place into that argument (``copy_`` under autograd, so consumers, the parent's
+locals included, see it and gradients flow back to the receive buffer). Once every tensor the next stage
+needs has been seen as an argument of a later block, the forward stops and returns them. Owned blocks keep
+their original names: optimizers see only local parameters and checkpoints are topology-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_merak._compat import tree_flatten, tree_map
+from lightning_merak.partition.plan import PartitionPlan, first_read_after
+from lightning_merak.trace import Capture, capture, meta_twin
+
+
+class _Stop(Exception):
+    pass
+
+
+def _strip(unit: nn.Module) -> None:
+    """Make a block of another stage hold no state: parameters and buffers become plain meta tensors, so
+    they leave parameters()/state_dict() while code that reads e.g. ``block.weight.dtype`` still works."""
+    for sub in unit.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, t in list(store.items()):
+                del store[name]
+                if t is not None:
+                    object.__setattr__(sub, name, t.detach().to("meta"))
+
+
+def _zeros_like_meta(out: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device)
+                    if isinstance(t, torch.Tensor) else t, out)
+
+
+class StageModule(nn.Module):
+    def __init__(self, module: nn.Module, plan: PartitionPlan, stage_index: int) -> None:
+        super().__init__()
+        self.stage_index = stage_index
+        self.num_stages = len(plan.stages)
+        object.__setattr__(self, "module", module)
+        object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "twin", meta_twin(module))
+        st = plan.stages[stage_index]
+        owned = set(range(st.first, st.first + len(st.units)))
+        cap = plan.capture
+        k_in = st.first
+        self.recv_keys = plan.stages[stage_index - 1].sends if stage_index > 0 else []
+        self.send_keys = st.sends
+        self.recv_at = {first_read_after(cap, key, k_in): i for i, key in enumerate(self.recv_keys)}
+        k_out = st.first + len(st.units)
+        self.send_at = {first_read_after(cap, key, k_out): i for i, key in enumerate(self.send_keys)}
+        self._units: list[nn.Module] = []
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        object.__setattr__(self, "device", device)
+        self._signatures: dict[tuple, Capture] = {}
+        self._hooks = []
+        for u, name in enumerate(plan.units):
+            sub = module.get_submodule(name)
+            has_state = any(True for _ in sub.parameters())
+            if u not in owned and has_state:
+                _strip(sub)
+                sub.forward = self._stub_output
+            self._units.append(sub)
+            self._hooks.append(sub.register_forward_pre_hook(self._pre_hook(u), with_kwargs=True))
+        self._state: dict | None = None
+
+    def checkpoint_units(self, n: int) -> None:
+        st = self.plan.stages[self.stage_index]
+        from torch.utils.checkpoint import checkpoint
+
+        for u in range(st.first, st.first + n):
+            mod = self._units[u]
+            original = mod.forward
+            mod.forward = lambda *a, _f=original, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
+
+    def _capture_for(self, args: tuple, kwargs: dict) -> Capture:
+        leaves = tree_flatten((args, kwargs))[0]
+        sig = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
+        if sig not in self._signatures:
+            self._signatures[sig] = capture(self.twin, args, kwargs, self.plan.units)
+        return self._signatures[sig]
+
+    def boundary_metas(self, args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
+        cap = self._capture_for(args, kwargs)
+        recv = [None] * len(self.recv_at)
+        for (c, p), i in self.recv_at.items():
+            recv[i] = cap.calls[c].args[p]
+        send = [None] * len(self.send_at)
+        for (c, p), i in self.send_at.items():
+            send[i] = cap.calls[c].args[p]
+        if self.stage_index == self.num_stages - 1:
+            send = [torch.empty((), device="meta")]
+        return tuple(recv), tuple(send)
+
+    def _stub_output(self, *args: Any, **kwargs: Any) -> Any:
+        state = self._state
+        call = state["cap"].calls[state["call"]]
+        return _zeros_like_meta(call.output, self.device)
+
+    def _pre_hook(self, unit: int):
+        def hook(mod, args, kwargs):
+            state = self._state
+            if state is None or state["depth"] > 0:
+                return None
+            c = state["call"] = state["next"]
+            state["next"] += 1
+            leaves = None
+            for (cc, p), i in self.recv_at.items():
+                if cc == c:
+                    leaves = leaves or tree_flatten((args, kwargs))[0]
+                    leaves[p].copy_(state["received"][i])
+            for (cc, p), i in self.send_at.items():
+                if cc == c:
+                    leaves = leaves or tree_flatten((args, kwargs))[0]
+                    state["sent"][i] = leaves[p]
+            if self.send_at and all(v is not None for v in state["sent"]):
+                raise _Stop
+            return None
+        return hook
+
+    def forward(self, *received: torch.Tensor, model_args: tuple = (), model_kwargs: dict | None = None) -> Any:
+        model_kwargs = model_kwargs or {}
+        cap = self._capture_for(model_args, model_kwargs)
+        self._state = {"cap": cap, "call": -1, "next": 0, "depth": 0, "received": received,
+                       "sent": [None] * len(self.send_at)}
+        try:
+            out = self.module(*model_args, **model_kwargs)
+        except _Stop:
+            return tuple(t.view_as(t) for t in self._state["sent"])
+        finally:
+            sent = self._state
+            self._state = None
+        if self.stage_index < self.num_stages - 1:
+            raise RuntimeError(f"stage {self.stage_index} finished the forward without reaching the next stage: "
+                               f"{sum(v is None for v in sent['sent'])} boundary tensors were never produced")
+        return out
+
+
+def build_stage(module: nn.Module, plan: PartitionPlan, stage_index: int) -> StageModule:
+    return StageModule(module, plan, stage_index)

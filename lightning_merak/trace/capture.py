@@ -1,0 +1,212 @@
+"""Proxy graph: one eager run of the pipelined module on the meta device, recording its data flow.
+
+Units (the blocks a pipeline may cut between) are the module's children, expanded through containers and
+through children larger than a whole stage. The run happens on a *meta twin* (a copy whose weights are meta
+tensors: a 20B model plans in seconds on one CPU) under a ``TorchFunctionMode`` that tracks, for every tensor,
+the set of units whose parameters it depends on (its *taint*) and every read of it outside the units (by the
+parent's own code) or as a unit's argument, in time order. Module hooks record each unit call: its arguments,
+its output (shapes for stubs), its forward FLOPs. Where the model's code needs real values (a data-dependent
+check), the capture retries on a CPU twin with zero weights. No ``torch.fx``, no tracer: any model that runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lightning_merak._compat import tree_flatten
+
+
+class CaptureError(RuntimeError):
+    """The pipelined module could not be run to capture its data flow; the message names the failure."""
+
+
+def find_units(module: nn.Module, num_stages: int) -> list[str]:
+    total = sum(p.numel() for p in module.parameters()) or 1
+    limit = total / max(num_stages, 1)
+    units: list[str] = []
+    seen: set[int] = set()
+
+    def visit(prefix: str, m: nn.Module) -> None:
+        for name, child in m.named_children():
+            fqn = f"{prefix}.{name}" if prefix else name
+            if id(child) in seen:  # a module shared under two names (tied embeddings) is one block
+                continue
+            seen.add(id(child))
+            n = sum(p.numel() for p in child.parameters())
+            container = isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
+            if (container or n > limit) and any(True for _ in child.children()):
+                visit(fqn, child)
+            else:
+                units.append(fqn)
+
+    visit("", module)
+    return units
+
+
+def meta_twin(module: nn.Module, device: str = "meta") -> nn.Module:
+    """A copy of ``module`` whose weights live on ``device`` (meta: no memory); no weight data is copied."""
+    memo = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in memo:
+            continue
+        meta = t.detach().to("meta") if device == "meta" else torch.zeros(t.shape, dtype=t.dtype, device=device)
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+@dataclass
+class Call:
+    index: int
+    unit: int
+    args: list  # flat leaves (tensors or values) of (args, kwargs)
+    output: Any
+    flops: int = 0
+    time: int = 0
+
+
+@dataclass
+class Capture:
+    units: list[str]
+    calls: list[Call]
+    unit_params: list[int]
+    unit_flops: list[int]
+    # per tensor key: taint set, reads [(time, kind, call_index, path)], shape, dtype
+    tensors: dict[int, dict] = field(default_factory=dict)
+    first_call: list[int] = field(default_factory=list)   # per unit: first call index (or -1)
+
+
+METADATA = {"register_hook", "__get__", "size", "dim", "numel", "stride", "is_floating_point", "element_size", "is_contiguous",
+            "__len__", "data_ptr", "get_device", "nelement", "ndimension", "is_complex", "__format__", "__repr__"}
+
+
+class _Taint(TorchFunctionMode):
+    def __init__(self, cap: _Capturer) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        cap = self.cap
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        taint: set[int] = set()
+        name = getattr(func, "__name__", str(func))
+        for t in ins:
+            taint |= cap.taint_of(t)
+            if cap.depth == 0 and name not in METADATA:
+                cap.read(t, ("op", name))
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor):
+                cap.born.setdefault(o, cap.time)
+                if taint:
+                    cap.taint[o] = cap.taint.get(o, set()) | taint
+        return out
+
+
+class _Capturer:
+    def __init__(self, twin: nn.Module, units: list[str]) -> None:
+        self.twin, self.units = twin, units
+        self.taint = WeakIdKeyDictionary()
+        self.born = WeakIdKeyDictionary()
+        self.param_unit = {}
+        for i, name in enumerate(units):
+            for p in twin.get_submodule(name).parameters():
+                self.param_unit[id(p)] = i
+        self.depth = 0
+        self.time = 0
+        self.calls: list[Call] = []
+        self.keys = WeakIdKeyDictionary()
+        self.alive: list[torch.Tensor] = []
+        self.info: dict[int, dict] = {}
+
+    def key(self, t: torch.Tensor) -> int:
+        if t not in self.keys:
+            self.keys[t] = len(self.alive)
+            self.alive.append(t)
+            self.info[self.keys[t]] = {"reads": [], "shape": tuple(t.shape), "dtype": t.dtype,
+                                       "born": self.born.get(t, -1)}
+        return self.keys[t]
+
+    def taint_of(self, t: torch.Tensor) -> set[int]:
+        if id(t) in self.param_unit:
+            return {self.param_unit[id(t)]}
+        return self.taint.get(t, set())
+
+    def read(self, t: torch.Tensor, what: tuple) -> None:
+        if not self.taint_of(t) or id(t) in self.param_unit:
+            return
+        self.time += 1
+        self.info[self.key(t)]["reads"].append((self.time, what))
+
+
+def capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str]) -> Capture:
+    """Meta-device capture; where the model's code needs real values (data-dependent checks), a twin with
+    zero weights on the CPU runs on the real inputs instead."""
+    try:
+        return _capture(module, args, kwargs, units, "meta")
+    except Exception as meta_error:
+        try:
+            return _capture(module, args, kwargs, units, "cpu")
+        except Exception as error:
+            raise CaptureError(f"cannot run {type(module).__name__} to capture its data flow (on meta: "
+                                 f"{meta_error}; on real tensors: {error})") from error
+
+
+def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], device: str) -> Capture:
+    twin = meta_twin(module, device)
+    cap = _Capturer(twin, units)
+    flops = FlopCounterMode(display=False)
+    unit_params = [sum(p.numel() * p.element_size() for p in twin.get_submodule(u).parameters()) for u in units]
+    unit_flops = [0] * len(units)
+    hooks = []
+    for i, name in enumerate(units):
+        sub = twin.get_submodule(name)
+
+        def pre(mod, a, kw, i=i):
+            if cap.depth == 0:
+                leaves = tree_flatten((a, kw))[0]
+                cap.time += 1
+                call = Call(len(cap.calls), i, leaves, None, time=cap.time)
+                cap.calls.append(call)
+                for path, t in enumerate(leaves):
+                    if isinstance(t, torch.Tensor):
+                        cap.read(t, ("call", call.index, path))
+                call.flops = flops.get_total_flops()
+            cap.depth += 1
+
+        def post(mod, a, kw, out, i=i):
+            cap.depth -= 1
+            if cap.depth == 0:
+                call = cap.calls[-1]
+                call.output = out
+                call.flops = flops.get_total_flops() - call.flops
+                unit_flops[i] += call.flops
+                for o in tree_flatten(out)[0]:
+                    if isinstance(o, torch.Tensor):
+                        # a block without parameters (rotary tables, dropout) adds no taint of its own
+                        cap.taint[o] = cap.taint_of(o) | ({i} if unit_params[i] else set())
+                        cap.born.setdefault(o, cap.time)
+
+        hooks.append(sub.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(sub.register_forward_hook(post, with_kwargs=True))
+    meta = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    margs = [meta(a) for a in args]
+    mkwargs = {k: meta(v) for k, v in kwargs.items()}
+    try:
+        with flops, _Taint(cap):
+            twin(*margs, **mkwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    result = Capture(units, cap.calls, unit_params, unit_flops)
+    result.tensors = {k: dict(v, taint=cap.taint_of(cap.alive[k])) for k, v in cap.info.items()}
+    result.first_call = [next((c.index for c in cap.calls if c.unit == u), -1) for u in range(len(units))]
+    return result
