@@ -247,10 +247,9 @@ class MerakStrategy(ParallelStrategy):
 
         def clip_grad_by_norm(optimizer: Any, clip_val: Union[int, float]) -> None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            ckpt_groups = strategy._norm_groups()
-            from lightning_merak.gradients import clip_grad_norm_
+            from lightning_merak.tensor_parallel import clip_grad_norm_
 
-            clip_grad_norm_(params, float(clip_val), ckpt_groups)
+            clip_grad_norm_(params, float(clip_val), strategy._norm_groups())
 
         precision.clip_grad_by_norm = clip_grad_by_norm
         precision._merak_clipping = True

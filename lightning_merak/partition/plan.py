@@ -112,10 +112,20 @@ def _nbytes(info: dict) -> int:
     return n * torch.empty((), dtype=info["dtype"]).element_size()
 
 
-def plan_model(module: nn.Module, example_inputs: Any, num_stages: int, partition: Any = "auto") -> PartitionPlan:
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Accept ``(args, kwargs)``, a tuple of positional arguments, a dict of keyword arguments or a tensor."""
     if isinstance(example_inputs, torch.Tensor):
-        example_inputs = ((example_inputs,), {})
-    args, kwargs = example_inputs
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+            and isinstance(example_inputs[1], dict)):
+        return tuple(example_inputs[0]), dict(example_inputs[1])
+    return tuple(example_inputs), {}
+
+
+def plan_model(module: nn.Module, example_inputs: Any, num_stages: int, partition: Any = "auto") -> PartitionPlan:
+    args, kwargs = normalize_inputs(example_inputs)
     units = find_units(module, num_stages)
     cap = capture(module, tuple(args), dict(kwargs), units)
     # blocks in the order the forward calls them (registration order can differ); uncalled ones first

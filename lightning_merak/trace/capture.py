@@ -30,7 +30,7 @@ class CaptureError(RuntimeError):
 
 def find_units(module: nn.Module, num_stages: int) -> list[str]:
     total = sum(p.numel() for p in module.parameters()) or 1
-    limit = total / max(num_stages, 1)
+    limit = total / (2 * max(num_stages, 1))  # a child bigger than half a stage is split into its children
     units: list[str] = []
     seen: set[int] = set()
 

@@ -16,9 +16,10 @@ ATOL = 1e-5
 
 
 def run_merak(tmp_path, model: str, devices: int, strategy: dict, steps: int = 3, module: dict | None = None,
-              trainer: dict | None = None, predict: bool = False) -> list[dict]:
+              trainer: dict | None = None, predict: bool = False, callbacks: dict | None = None,
+              ckpt_path: str | None = None) -> list[dict]:
     cfg = {"model": model, "devices": devices, "steps": steps, "strategy": strategy, "module": module or {},
-           "trainer": trainer or {}, "predict": predict}
+           "trainer": trainer or {}, "predict": predict, "callbacks": callbacks or {}, "ckpt_path": ckpt_path}
     check_script(REPO / "tests/scripts/pipeline_fit.py", str(tmp_path), json.dumps(cfg), timeout=300)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(devices)]
 
@@ -116,3 +117,59 @@ def test_recompute_restores_rng_with_dropout(tmp_path):
             assert other[r]["losses"] == base[r]["losses"]
             for key, value in base[r]["params"].items():
                 torch.testing.assert_close(other[r]["params"][key], value, atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.multiprocess
+def test_eval_predict_logging_and_callbacks_pp2(tmp_path):
+    """Forward-only pipeline for validate/predict; what the last stage logs reaches every rank, so
+    ModelCheckpoint (monitoring a logged metric), EarlyStopping and the progress bar work on all of them."""
+    ranks = run_merak(tmp_path, "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b",
+                                            "num_microbatches": 4, "recompute": "none"}, steps=8, predict=True,
+                      trainer={"limit_val_batches": 2, "val_check_interval": 2, "max_epochs": 3},
+                      module={"n": 16})
+    ref_module = make_module("gpt2", n=16)
+    ref_trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=2)
+    ref_module.load_state_dict({k: v for rank in ranks for k, v in rank["params"].items()})
+    ref_val = ref_trainer.validate(ref_module, verbose=False)[0]
+    ref_pred = torch.cat(ref_trainer.predict(ref_module))
+    for rank in ranks:
+        assert rank["validate"]["val_loss"] == pytest.approx(ref_val["val_loss"], abs=1e-5)
+        torch.testing.assert_close(rank["predictions"], ref_pred, atol=1e-5, rtol=0)
+        assert "train_loss" in rank["progress_bar_metrics"] and "val_loss" in rank["callback_metrics"]
+    assert ranks[0]["callback_metrics"] == pytest.approx(ranks[1]["callback_metrics"])
+
+
+@pytest.mark.multiprocess
+def test_checkpoint_and_early_stopping_pp2(tmp_path):
+    ranks = run_merak(tmp_path, "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b",
+                                            "num_microbatches": 4, "recompute": "none"}, steps=100,
+                      module={"n": 16}, trainer={"limit_val_batches": 1, "max_epochs": 10},
+                      callbacks={"ModelCheckpoint": {"dirpath": str(tmp_path / "ckpt"), "monitor": "val_loss",
+                                                     "save_last": True},
+                                 "EarlyStopping": {"monitor": "val_loss", "patience": 0, "min_delta": 10.0}})
+    # EarlyStopping with a huge min_delta stops after the second validation, on both ranks alike
+    assert [r["stopped_epoch"] for r in ranks] == [1, 1]
+    assert ranks[0]["best_model_path"] == ranks[1]["best_model_path"]
+    assert (tmp_path / "ckpt" / "last.ckpt" / "meta.pt").is_file()
+
+
+@pytest.mark.multiprocess
+def test_variable_sequence_length(tmp_path):
+    ranks = run_merak(tmp_path, "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b",
+                                            "num_microbatches": 4, "recompute": "none"}, steps=4,
+                      module={"variable_length": True})
+    assert_matches(ranks, run_reference("gpt2", steps=4, module={"variable_length": True}))
+
+
+@pytest.mark.multiprocess
+def test_dp2_pp2_equals_one_process(tmp_path):
+    ranks = run_merak(tmp_path, "llama", 4, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b",
+                                             "num_microbatches": 2, "recompute": "none"})
+    ref = run_reference("llama", dp=2)
+    # each replica's loss is its half of the global batch: compare the mean over replicas
+    losses = torch.tensor([r["losses"] for r in ranks]).view(2, 2, -1)[:, -1].mean(0)
+    torch.testing.assert_close(losses, torch.tensor(ref["losses"]), atol=ATOL, rtol=0)
+    for rank in ranks:
+        for key, value in rank["params"].items():
+            torch.testing.assert_close(value, ref["params"][key], atol=ATOL, rtol=0, msg=key)

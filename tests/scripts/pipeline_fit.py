@@ -2,7 +2,8 @@
 
 usage: python tests/scripts/pipeline_fit.py OUT_DIR CONFIG_JSON
 CONFIG_JSON: {"model": "gpt2", "devices": 2, "steps": 3, "strategy": {...MerakStrategy kwargs...},
-              "module": {...module kwargs...}, "trainer": {...Trainer kwargs...}, "predict": false}
+              "module": {...module kwargs...}, "trainer": {...Trainer kwargs...}, "predict": false,
+              "callbacks": {"ModelCheckpoint": {...}, "EarlyStopping": {...}}, "ckpt_path": null}
 """
 
 import datetime
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch import callbacks as pl_callbacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_merak import MerakStrategy  # noqa: E402
@@ -36,10 +38,21 @@ if __name__ == "__main__":
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                           max_steps=cfg.get("steps", 3), limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec])
     trainer_kwargs.update(cfg.get("trainer", {}))
+    extra = [getattr(pl_callbacks, name)(**kwargs) for name, kwargs in cfg.get("callbacks", {}).items()]
+    trainer_kwargs["callbacks"] = [rec, *extra]
+    if extra and "enable_checkpointing" not in cfg.get("trainer", {}):
+        trainer_kwargs["enable_checkpointing"] = any(isinstance(c, pl_callbacks.ModelCheckpoint) for c in extra)
     trainer = pl.Trainer(**trainer_kwargs)
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
     result = {"losses": rec.losses, "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
-              "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+              "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+              "progress_bar_metrics": {k: float(v) for k, v in trainer.progress_bar_metrics.items()},
+              "global_step": trainer.global_step, "current_epoch": trainer.current_epoch}
+    for cb in extra:
+        if isinstance(cb, pl_callbacks.EarlyStopping):
+            result["stopped_epoch"] = cb.stopped_epoch
+        if isinstance(cb, pl_callbacks.ModelCheckpoint):
+            result["best_model_path"] = cb.best_model_path
     if cfg.get("predict"):
         result["predictions"] = torch.cat(trainer.predict(module))
         result["validate"] = trainer.validate(module, verbose=False)[0]
