@@ -55,6 +55,11 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return out
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor behind a parameter (a DTensor's local shard under tensor parallelism)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _signature(args: tuple, kwargs: dict) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in _tensors((args, kwargs)))
 
@@ -456,9 +461,9 @@ class DeltaScheduler:
         self.swap_bandwidth = swap_bandwidth
         self.min_swap_bytes = min_swap_bytes
         self.prefetch_depth = prefetch_depth
-        params = {id(p.untyped_storage()): p.untyped_storage().nbytes() for p in module.parameters()}
+        params = {id(_local(p).untyped_storage()): _local(p).untyped_storage().nbytes() for p in module.parameters()}
         first = next(module.parameters(), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.device = _local(first).device if first is not None else torch.device("cpu")
         self.ledger = MemoryLedger(budget, sum(params.values()))
         self.param_storages: set[int] = set()
         self.plans: dict[tuple | None, Plan] = {}
@@ -582,8 +587,8 @@ class DeltaScheduler:
 
     def _open(self) -> _ForwardRun:
         if not self._active:
-            self.param_storages = {id(t.untyped_storage()) for t in self.module.parameters()}
-            self.param_storages |= {id(t.untyped_storage()) for t in self.module.buffers()}
+            tensors = list(self.module.parameters()) + list(self.module.buffers())
+            self.param_storages = {id(_local(t).untyped_storage()) for t in tensors}
         run = _ForwardRun(self)
         run.t_start = time.perf_counter()
         self._active.append(run)

@@ -128,6 +128,17 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int, partitio
     args, kwargs = normalize_inputs(example_inputs)
     units = find_units(module, num_stages)
     cap = capture(module, tuple(args), dict(kwargs), units)
+    for _ in range(3):  # split blocks doing more than half a stage's work (CNN stages at high resolution)
+        total = sum(cap.unit_flops) or 1
+        heavy = {u for u, f in zip(units, cap.unit_flops, strict=True)
+                 if f > total / (2 * num_stages) and any(True for _ in module.get_submodule(u).children())
+                 and not any(True for _ in module.get_submodule(u).parameters(recurse=False))}
+        if not heavy:
+            break
+        expand = frozenset(heavy) | frozenset(getattr(cap, "expanded", ()))
+        units = find_units(module, num_stages, expand)
+        cap = capture(module, tuple(args), dict(kwargs), units)
+        cap.expanded = expand
     # blocks in the order the forward calls them (registration order can differ); uncalled ones first
     order = sorted(range(len(units)), key=lambda u: (cap.first_call[u] >= 0, cap.first_call[u]))
     if order != list(range(len(units))):

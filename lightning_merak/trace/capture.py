@@ -28,9 +28,11 @@ class CaptureError(RuntimeError):
     """The pipelined module could not be run to capture its data flow; the message names the failure."""
 
 
-def find_units(module: nn.Module, num_stages: int) -> list[str]:
+def find_units(module: nn.Module, num_stages: int, expand: frozenset[str] = frozenset()) -> list[str]:
+    """The blocks a pipeline may cut between: children, expanded through containers, through children holding
+    more than half a stage's parameters, and through those named in ``expand`` (too many FLOPs)."""
     total = sum(p.numel() for p in module.parameters()) or 1
-    limit = total / (2 * max(num_stages, 1))  # a child bigger than half a stage is split into its children
+    limit = total / (2 * max(num_stages, 1))
     units: list[str] = []
     seen: set[int] = set()
 
@@ -42,7 +44,9 @@ def find_units(module: nn.Module, num_stages: int) -> list[str]:
             seen.add(id(child))
             n = sum(p.numel() for p in child.parameters())
             container = isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
-            if (container or n > limit) and any(True for _ in child.children()):
+            # a module with parameters of its own (ViT's cls_token) stays whole: its forward uses them
+            own = any(True for _ in child.parameters(recurse=False))
+            if (container or n > limit or fqn in expand) and not own and any(True for _ in child.children()):
                 visit(fqn, child)
             else:
                 units.append(fqn)
