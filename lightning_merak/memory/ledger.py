@@ -55,6 +55,7 @@ class MemoryLedger:
             "delta/swapped_bytes": float(self.swapped),
             "delta/recomputed_bytes": float(self.recomputed),
             "delta/peak_bytes": float(self.peak),
+            "delta/prefetched_bytes": float(self.prefetched),
             "delta/allowance_bytes": float(self.allowance),
             "delta/profiling": 1.0 if phase == "profile" else 0.0,
         }

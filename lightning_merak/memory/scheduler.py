@@ -482,6 +482,7 @@ class DeltaScheduler:
         self._pre_hook = module.register_forward_pre_hook(self._on_module_call, with_kwargs=True)
         self._auto = 0
         self._auto_hooks: list = []
+        self.last_stats: dict[str, float] = {}  # metrics of the last step closed by step()
 
     # -- public API ----------------------------------------------------------------------------------
     @contextlib.contextmanager

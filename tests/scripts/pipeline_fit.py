@@ -44,7 +44,10 @@ if __name__ == "__main__":
         trainer_kwargs["enable_checkpointing"] = any(isinstance(c, pl_callbacks.ModelCheckpoint) for c in extra)
     trainer = pl.Trainer(**trainer_kwargs)
     trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
-    result = {"losses": rec.losses, "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
+    # tensor-parallel shards are DTensors: gather them (collective within the tp group, same order everywhere)
+    params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+              for k, v in module.state_dict().items()}
+    result = {"losses": rec.losses, "params": params,
               "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
               "progress_bar_metrics": {k: float(v) for k, v in trainer.progress_bar_metrics.items()},
               "global_step": trainer.global_step, "current_epoch": trainer.current_epoch}
