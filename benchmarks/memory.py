@@ -1,6 +1,10 @@
 """Side by side at one memory budget: no management, full checkpointing, torch's save_on_cpu, and DELTA.
 
-    python benchmarks/memory.py [--models resnet50 gpt2] [--steps 3]
+    python benchmarks/memory.py [--models resnet50 gpt2] [--steps 3] [--device cuda]
+
+On a machine whose torch fails lightning_merak's version check, load it the way gpu_check.sh does:
+    python3 -c "import sys,types,runpy; p=types.ModuleType('lightning_merak'); p.__path__=['lightning_merak'];
+    sys.modules['lightning_merak']=p; sys.argv=['memory.py','--b0','4','--cap','8']; runpy.run_path('benchmarks/memory.py', run_name='__main__')"
 
 For each model the budget is fixed so that the unmanaged run *just* fits a base batch ``b0``:
 ``budget = 2 x parameter bytes + saved bytes of the unmanaged run at b0`` (DELTA's budget semantics:

@@ -101,7 +101,8 @@ class Throughput(pl.Callback):
 
 def main() -> None:
     torch.set_num_threads(1)
-    LightningCLI(GPT2Pretrain, TextDataModule, trainer_defaults={"callbacks": [Throughput()]}, seed_everything_default=0)
+    LightningCLI(GPT2Pretrain, TextDataModule, trainer_defaults={"callbacks": [Throughput()]}, seed_everything_default=0,
+                 save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

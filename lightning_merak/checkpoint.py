@@ -96,7 +96,7 @@ def _restore_optimizer(module: torch.nn.Module, optimizer: Any, entry: dict[str,
     groups = []
     for i, hyper in enumerate(entry["groups"]):
         groups.append({**hyper, "params": [n for n in names if entry["group_of"][n] == i]})
-    set_optimizer_state_dict(module, opt, {"state": entry["state"], "param_groups": groups})
+    set_optimizer_state_dict(module, opt, {"state": entry.get("state", {}), "param_groups": groups})
 
 
 def _load_full_file(path: Path, module: torch.nn.Module, optimizers: list[Any], strict: bool) -> dict[str, Any]:
@@ -119,7 +119,7 @@ def _load_full_file(path: Path, module: torch.nn.Module, optimizers: list[Any], 
 
 def _restrict(entry: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
     keep = {n for n in entry["group_of"] if n in local}
-    return {"state": {n: s for n, s in entry["state"].items() if n in keep},
+    return {"state": {n: s for n, s in entry.get("state", {}).items() if n in keep},
             "group_of": {n: g for n, g in entry["group_of"].items() if n in keep}, "groups": entry["groups"]}
 
 
@@ -140,7 +140,7 @@ def named_to_positional(entry: dict[str, Any], param_order: list[str]) -> tuple[
         names = [n for n in param_order if entry["group_of"].get(n) == i]
         groups.append({**hyper, "params": list(range(len(order), len(order) + len(names)))})
         order.extend(names)
-    state = {order.index(n): s for n, s in entry["state"].items() if n in order}
+    state = {order.index(n): s for n, s in entry.get("state", {}).items() if n in order}
     return {"state": state, "param_groups": groups}, order
 
 

@@ -10,6 +10,7 @@ most expensive stage (forward + backward = 3 x forward FLOPs), ties broken by fe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,13 +50,29 @@ def first_read_after(cap: Capture, key: int, k: int) -> tuple[int, int]:
 
 
 @dataclass
+class Boundary:
+    """One tensor crossing to the next stage: ``identity`` is its key in the capture, ``producer`` the last
+    block it depends on, ``consumers`` the later blocks that take it as an argument (a skip edge such as an
+    encoder output lists blocks several stages ahead: intermediate stages carry it through)."""
+
+    identity: int
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    producer: str
+    consumers: list[str]
+
+
+@dataclass
 class StagePlan:
     index: int
     units: list[str]
     first: int  # first unit index
-    params: int
-    flops: int
-    sends: list[int]  # crossing keys to the next stage
+    params: int  # parameter bytes
+    flops: int  # forward FLOPs
+    sends: list[int]  # crossing keys to the next stage, in the order the stage returns them
+    num_params: int = 0
+    boundary: list[Boundary] = field(default_factory=list)
 
 
 @dataclass
@@ -69,40 +86,63 @@ class PartitionPlan:
     units: list[str]
     stages: list[StagePlan]
     cuts: list[int]
-    capture: Capture = field(repr=False)
+    capture: Capture | None = field(repr=False)  # None for a plan read back from JSON (description only)
     tied: list[Tie] = field(default_factory=list)
 
     @property
     def balance(self) -> float:
+        """Most expensive stage over the mean (forward FLOPs; backward is ~2x forward for every stage)."""
         costs = [s.flops for s in self.stages]
         mean = sum(costs) / len(costs)
         return max(costs) / mean if mean else 1.0
 
     def to_dict(self) -> dict:
         """JSON-ready: per stage the blocks it owns, parameters, forward FLOPs and the tensors it sends."""
-        return {"num_stages": len(self.stages), "balance": self.balance, "cuts": [self.units[c] for c in self.cuts],
+        return {"num_stages": len(self.stages), "balance": self.balance, "units": self.units,
+                "cuts": [self.units[c] for c in self.cuts],
                 "tied": [{"names": t.names, "stages": t.stages} for t in self.tied],
-                "stages": [{"index": s.index, "modules": s.units, "parameter_bytes": s.params,
-                            "forward_flops": s.flops,
-                            "sends": [{"shape": list(self.capture.tensors[k]["shape"]),
-                                       "dtype": str(self.capture.tensors[k]["dtype"]),
-                                       "bytes": _nbytes(self.capture.tensors[k])} for k in s.sends]}
+                "stages": [{"index": s.index, "modules": s.units, "parameters": s.num_params,
+                            "parameter_bytes": s.params, "forward_flops": s.flops,
+                            "sends": [dict(vars(b), shape=list(b.shape)) for b in s.boundary]}
                            for s in self.stages]}
 
     def to_json(self) -> str:
-        import json
-
         return json.dumps(self.to_dict(), indent=2)
 
+    @classmethod
+    def from_json(cls, text: str, module: nn.Module | None = None, example_inputs: Any = None) -> PartitionPlan:
+        """Read a plan back. Without ``module`` it only describes (table, JSON); with the module and example
+        inputs its boundaries are re-planned and re-checked, giving a plan that ``build_stage`` accepts."""
+        data = json.loads(text)
+        if module is not None:
+            return plan_model(module, example_inputs, data["num_stages"], partition=data["cuts"])
+        units = data["units"]
+        stages = [StagePlan(st["index"], st["modules"], units.index(st["modules"][0]), st["parameter_bytes"],
+                            st["forward_flops"], [b["identity"] for b in st["sends"]], st["parameters"],
+                            [Boundary(**dict(b, shape=tuple(b["shape"]))) for b in st["sends"]])
+                  for st in data["stages"]]
+        return cls(units, stages, [units.index(c) for c in data["cuts"]], None,
+                   [Tie(t["names"], t["stages"]) for t in data["tied"]])
+
     def table(self) -> str:
-        lines = [f"{'stage':>5}  {'modules':<44} {'params':>10} {'fwd GFLOPs':>10} {'sends':>20}"]
+        lines = [f"{'stage':>5}  {'modules':<40} {'parameters':>14} {'fwd GFLOPs':>11}  {'to next stage':>24}"]
         for st in self.stages:
             rng = st.units[0] if len(st.units) == 1 else f"{st.units[0]} .. {st.units[-1]}"
-            nbytes = sum(_nbytes(self.capture.tensors[k]) for k in st.sends)
-            lines.append(f"{st.index:>5}  {rng:<44} {st.params:>10,} {st.flops / 1e9:>10.4f} "
-                         f"{len(st.sends):>3} tensors {nbytes:>8,} B")
+            nbytes = sum(b.bytes for b in st.boundary)
+            sends = f"{len(st.boundary)} tensors {_human(nbytes)}" if st.index < len(self.stages) - 1 else "-"
+            lines.append(f"{st.index:>5}  {rng:<40} {st.num_params:>14,} {st.flops / 1e9:>11.4f}  {sends:>24}")
+        for t in self.tied:
+            lines.append(f"tied: {' = '.join(t.names)} on stages {t.stages} (gradients all-reduced between them)")
         lines.append(f"balance (max stage / mean, forward FLOPs): {self.balance:.3f}")
         return "\n".join(lines)
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
 
 
 def _nbytes(info: dict) -> int:
@@ -124,7 +164,14 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return tuple(example_inputs), {}
 
 
-def plan_model(module: nn.Module, example_inputs: Any, num_stages: int, partition: Any = "auto") -> PartitionPlan:
+def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
+               partition: str | list[str] = "auto") -> PartitionPlan:
+    """Partition ``module`` (the pipelined module) into ``num_stages`` stages.
+
+    ``example_inputs``: ``(args, kwargs)`` of its forward (or a tuple, dict or tensor); any device, meta
+    included. ``partition``: ``"auto"`` (balanced by FLOPs) or the block names where stages 1.. begin, checked
+    for legality like the automatic cuts.
+    """
     args, kwargs = normalize_inputs(example_inputs)
     units = find_units(module, num_stages)
     cap = capture(module, tuple(args), dict(kwargs), units)
@@ -156,6 +203,9 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int, partitio
         else:
             reasons[k] = why
     if partition != "auto":
+        if isinstance(partition, str) or len(partition) != num_stages - 1:
+            raise PartitionError(f"partition={partition!r} must list {num_stages - 1} block names (where stages "
+                                 f"1..{num_stages - 1} begin), or be 'auto'")
         cuts = []
         for name in partition:
             if name not in units:
@@ -164,6 +214,9 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int, partitio
             k = units.index(name)
             if k not in legal:
                 raise PartitionError(f"cannot start a stage at {name!r}: {reasons.get(k, 'not a legal cut')}")
+            if cuts and k <= cuts[-1]:
+                raise PartitionError(f"partition boundaries must follow the forward order; {name!r} comes before "
+                                     f"{units[cuts[-1]]!r}")
             cuts.append(k)
     else:
         if len(legal) < num_stages - 1:
@@ -177,10 +230,22 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int, partitio
     for s in range(num_stages):
         a, b = bounds[s], bounds[s + 1]
         sends = legal[b] if s < num_stages - 1 else []
-        stages.append(StagePlan(s, units[a:b], a, sum(cap.unit_params[a:b]), sum(cap.unit_flops[a:b]), sends))
+        num_params = sum(p.numel() for u in units[a:b] for p in module.get_submodule(u).parameters())
+        boundary = [_boundary(cap, key, b) for key in sends]
+        stages.append(StagePlan(s, units[a:b], a, sum(cap.unit_params[a:b]), sum(cap.unit_flops[a:b]), sends,
+                                num_params, boundary))
     plan = PartitionPlan(units, stages, cuts, cap)
     plan.tied = _ties(module, plan)
     return plan
+
+
+def _boundary(cap: Capture, key: int, k: int) -> Boundary:
+    info = cap.tensors[key]
+    consumers = sorted({cap.units[cap.calls[r[1][1]].unit] for r in info["reads"]
+                        if r[1][0] == "call" and cap.calls[r[1][1]].unit >= k},
+                       key=cap.units.index)
+    return Boundary(key, tuple(info["shape"]), str(info["dtype"]).removeprefix("torch."), _nbytes(info),
+                    cap.units[max(u for u in info["taint"] if u < k)], consumers)
 
 
 def _balanced_cuts(cost: list[int], legal: list[int], num_stages: int, cut_bytes: dict[int, int]) -> list[int]:

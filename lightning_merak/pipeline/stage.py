@@ -43,6 +43,14 @@ def _zeros_like_meta(out: Any, device: torch.device) -> Any:
 
 
 class StageModule(nn.Module):
+    """This rank's pipeline stage: runs the pipelined module's own forward eagerly.
+
+    ``forward(*received, model_args, model_kwargs)`` returns the plan's boundary tensors for the next stage
+    (in ``plan.stages[i].sends`` order), or on the last stage whatever the module returns. The pruned module
+    is ``self.module``; a meta twin of the full module (``self.twin``, unregistered) re-captures stub shapes
+    per input-shape signature.
+    """
+
     def __init__(self, module: nn.Module, plan: PartitionPlan, stage_index: int) -> None:
         super().__init__()
         self.stage_index = stage_index
@@ -75,6 +83,8 @@ class StageModule(nn.Module):
         self._state: dict | None = None
 
     def checkpoint_units(self, n: int) -> None:
+        """Recompute the first ``n`` owned blocks in backward (stage-aware recomputation: earlier stages hold
+        more micro-batches in flight); non-reentrant, RNG state preserved so dropout replays identically."""
         st = self.plan.stages[self.stage_index]
         from torch.utils.checkpoint import checkpoint
 
@@ -147,4 +157,6 @@ class StageModule(nn.Module):
 
 
 def build_stage(module: nn.Module, plan: PartitionPlan, stage_index: int) -> StageModule:
+    """Prune ``module`` in place to stage ``stage_index`` of ``plan`` and wrap it. Weights tied across stages
+    (``plan.tied``) stay on every stage that uses them; their gradients must be all-reduced between those."""
     return StageModule(module, plan, stage_index)

@@ -159,7 +159,7 @@ class LogRecorder:
                 out[name] = (("metric", paths[id(last)], state), kwargs)
                 continue
             total = sum(w for w, _, _ in entries)
-            value = sum(w * float(v) for w, v, _ in entries) / total
+            value = sum(w * float(v.detach() if isinstance(v, torch.Tensor) else v) for w, v, _ in entries) / total
             out[name] = (torch.tensor(value), kwargs)
         self.records.clear()
         return out

@@ -123,7 +123,7 @@ class _Capturer:
         self.param_unit = {}
         for i, name in enumerate(units):
             for p in twin.get_submodule(name).parameters():
-                self.param_unit[id(p)] = i
+                self.param_unit.setdefault(id(p), i)  # a tied weight belongs to its first user
         self.depth = 0
         self.time = 0
         self.calls: list[Call] = []
@@ -151,17 +151,32 @@ class _Capturer:
         self.info[self.key(t)]["reads"].append((self.time, what))
 
 
-def capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str]) -> Capture:
+def capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str] | None = None) -> Capture:
     """Meta-device capture; where the model's code needs real values (data-dependent checks), a twin with
-    zero weights on the CPU runs on the real inputs instead."""
+    zero weights on the CPU runs on the real inputs instead (same shapes, so stub outputs stay right)."""
+    units = find_units(module, 1) if units is None else units
     try:
         return _capture(module, args, kwargs, units, "meta")
     except Exception as meta_error:
         try:
             return _capture(module, args, kwargs, units, "cpu")
         except Exception as error:
-            raise CaptureError(f"cannot run {type(module).__name__} to capture its data flow (on meta: "
-                                 f"{meta_error}; on real tensors: {error})") from error
+            where = getattr(error, "merak_module", "") or type(module).__name__
+            raise CaptureError(f"cannot run {type(module).__name__} to capture its data flow: `{where}` raised "
+                               f"(on meta: {meta_error}; on real tensors: {error})") from error
+
+
+def _failing_module(twin: nn.Module, error: BaseException) -> str:
+    """The innermost module whose forward raised: the last ``forward`` frame on the traceback."""
+    names = {id(m): n for n, m in twin.named_modules()}
+    found = ""
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self") if tb.tb_frame.f_code.co_name == "forward" else None
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = f"{names[id(owner)] or '<root>'} ({type(owner).__name__})"
+        tb = tb.tb_next
+    return found
 
 
 def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], device: str) -> Capture:
@@ -207,6 +222,9 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
     try:
         with flops, _Taint(cap):
             twin(*margs, **mkwargs)
+    except Exception as error:
+        error.merak_module = _failing_module(twin, error)
+        raise
     finally:
         for h in hooks:
             h.remove()

@@ -58,6 +58,16 @@ def test_plan_is_json_and_table():
     assert data["num_stages"] == 2 and data["stages"][0]["sends"][0]["shape"] == [2, 16, 64]
     assert data["stages"][0]["sends"][0]["bytes"] == 2 * 16 * 64 * 4
     assert "balance" in plan.table() and isinstance(plan, PartitionPlan)
+    send = data["stages"][0]["sends"][0]
+    assert send["producer"] == plan.stages[0].units[-1] and send["consumers"] == [plan.stages[1].units[0]]
+    assert data["stages"][0]["parameters"] == sum(p.numel() for u in plan.stages[0].units
+                                                  for p in model.get_submodule(u).parameters())
+    assert data["tied"] == [{"names": ["transformer.wte.weight", "lm_head.weight"], "stages": [0, 1]}]
+    # read back: a description without the model, a usable (re-checked) plan with it
+    described = PartitionPlan.from_json(plan.to_json())
+    assert described.table() == plan.table() and described.to_dict() == data
+    replanned = PartitionPlan.from_json(plan.to_json(), model, ((), kwargs))
+    assert replanned.cuts == plan.cuts and replanned.capture is not None
 
 
 def test_rotary_and_mask_are_recomputed_not_sent():
@@ -74,6 +84,10 @@ def test_hand_written_partition_checked():
     assert plan.stages[1].units[0] == "transformer.h.6"
     with pytest.raises(PartitionError, match="not a block"):
         plan_model(model, ((), kwargs), 2, partition=["transformer.h.6.attn"])
+    with pytest.raises(PartitionError, match="must list 2 block names"):
+        plan_model(model, ((), kwargs), 3, partition=["transformer.h.6"])
+    with pytest.raises(PartitionError, match="forward order"):
+        plan_model(model, ((), kwargs), 3, partition=["transformer.h.6", "transformer.h.2"])
 
 
 class Residual(nn.Module):

@@ -20,6 +20,7 @@ def run_merak(tmp_path, model: str, devices: int, strategy: dict, steps: int = 3
               ckpt_path: str | None = None) -> list[dict]:
     cfg = {"model": model, "devices": devices, "steps": steps, "strategy": strategy, "module": module or {},
            "trainer": trainer or {}, "predict": predict, "callbacks": callbacks or {}, "ckpt_path": ckpt_path}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     check_script(REPO / "tests/scripts/pipeline_fit.py", str(tmp_path), json.dumps(cfg), timeout=300)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(devices)]
 
