@@ -99,10 +99,12 @@ class MerakConfig:
                 f"memory_manager={self.memory_manager!r} is unknown; choose one of {list(MEMORY_MANAGERS)}."
             )
         self.budget_bytes = parse_bytes(self.memory_budget)
-        if self.budget_bytes is not None and self.memory_manager == "none" and self.recompute != "stage_aware":
+        if self.budget_bytes is not None and self.memory_manager == "none" and (
+            self.recompute != "stage_aware" or self.pipeline_parallel_size == 1
+        ):
             raise MerakConfigError(
                 f"memory_budget={self.memory_budget!r} is set but nothing uses it: set memory_manager='delta' "
-                "or recompute='stage_aware', or drop memory_budget."
+                "(or, with a pipeline, recompute='stage_aware'), or drop memory_budget."
             )
         if self.partition != "auto" and not (
             isinstance(self.partition, (list, tuple)) and all(isinstance(p, str) for p in self.partition)

@@ -60,8 +60,9 @@ def example_inputs(strategy: Any, trainer: Any, pipelined: nn.Module, num_microb
     return capture_model_call(step, pipelined, lightning_module, micro, 0)
 
 
-def build_engine(strategy: Any, trainer: Any) -> Any:
-    """Everything that makes this rank's piece of the model, in order; returns the engine the strategy drives."""
+def build_engine(strategy: Any, trainer: Any) -> tuple[Any, Any]:
+    """Everything that makes this rank's piece of the model, in order. Returns the pipeline engine the strategy
+    delegates steps to (None without a pipeline) and the DELTA memory manager (None without one)."""
     config = strategy.config
     dp, pp, tp = strategy.sizes
     mesh = strategy.device_mesh
@@ -80,14 +81,27 @@ def build_engine(strategy: Any, trainer: Any) -> Any:
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     if pp > 1:
         apply_recompute(stage_module, plan, config, mesh["pp"].get_local_rank())
+    delta = apply_memory_manager(pipelined, config) if config.memory_manager == "delta" else None
     if plan is not None:
         rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {pp} stages:\n{plan.table()}")
+    engine = None
     if pp > 1:
         from lightning_merak.pipeline.engine import PipelineEngine
 
-        return PipelineEngine(strategy, lightning_module, pipelined, stage_module, plan, config.pipeline_schedule,
-                              num_microbatches, tied)
-    return None
+        engine = PipelineEngine(strategy, lightning_module, pipelined, stage_module, plan, config.pipeline_schedule,
+                                num_microbatches, tied, delta)
+    return engine, delta
+
+
+def apply_memory_manager(pipelined: nn.Module, config: Any) -> Any:
+    """DELTA over this rank's part of the module (after pruning: only owned blocks become segments)."""
+    from lightning_merak.memory import DeltaScheduler
+
+    if config.budget_bytes is None:
+        from lightning_merak.config import MerakConfigError
+
+        raise MerakConfigError("memory_manager='delta' needs memory_budget (bytes per device, e.g. '8GiB').")
+    return DeltaScheduler(pipelined, config.budget_bytes)
 
 
 def apply_pipeline(pipelined: nn.Module, example: tuple[tuple, dict], num_stages: int, stage_index: int,

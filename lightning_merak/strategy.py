@@ -114,7 +114,9 @@ class MerakStrategy(ParallelStrategy):
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._device_mesh: Optional[DeviceMesh] = None
-        self._engine: Any = None  # the parallel engine (pipeline / tensor parallel / memory), built in setup
+        self._engine: Any = None  # the pipeline engine, built in setup (None without a pipeline)
+        self._delta: Any = None  # the DELTA memory manager (None without one)
+        self._built = False
         self._sync_grads = True
         self.num_nodes = 1
 
@@ -207,10 +209,11 @@ class MerakStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        if self._engine is None:
+        if not self._built:
             self.model = self.precision_plugin.convert_module(self.model)
             self.model_to_device()
-            self._engine = self._build_engine(trainer)
+            self._engine, self._delta = self._build_engine(trainer)
+            self._built = True
             topology.broadcast_module(self.lightning_module, topology.group(self._device_mesh, "dp"),
                                       topology.size(self._device_mesh, "dp"))
         self.barrier("merak_setup")
@@ -221,11 +224,11 @@ class MerakStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self._install_clipping()
 
-    def _build_engine(self, trainer: pl.Trainer) -> Any:
-        """Cut, shard and wrap the model for this rank; None for plain data parallelism."""
+    def _build_engine(self, trainer: pl.Trainer) -> tuple[Any, Any]:
+        """Cut, shard and wrap the model for this rank; (None, None) for plain data parallelism."""
         dp, pp, tp = self.sizes
         if pp == 1 and tp == 1 and self.config.memory_manager == "none":
-            return None
+            return None, None
         from lightning_merak.parallelize import build_engine
 
         return build_engine(self, trainer)
@@ -267,7 +270,22 @@ class MerakStrategy(ParallelStrategy):
         if self._engine is not None:
             with self.precision_plugin.train_step_context():
                 return self._engine.training_step(*args, **kwargs)
+        if self._delta is not None:
+            with self._delta.forward():
+                return super().training_step(*args, **kwargs)
         return super().training_step(*args, **kwargs)
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._delta is not None and self._engine is None:  # the pipeline engine closes its own steps
+            self.log_memory(self._delta.end_step())
+        return out
+
+    def log_memory(self, stats: dict[str, float]) -> None:
+        """DELTA's per-step ledger (bytes kept, swapped, recomputed, peak) as metrics of this rank."""
+        assert self.lightning_module is not None
+        for name, value in stats.items():
+            self.lightning_module.log(name, float(value), on_step=True, on_epoch=False, rank_zero_only=True)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._engine is not None:
@@ -370,6 +388,8 @@ class MerakStrategy(ParallelStrategy):
 
     # ----------------------------------------------------------------------------------------- teardown
     def teardown(self) -> None:
+        if self._delta is not None:
+            rank_zero_info(f"DELTA memory ledger (rank {self.global_rank}):\n{self._delta.ledger.summary_table()}")
         if self._engine is not None:
             self._engine.teardown()
         assert self.cluster_environment is not None and self.accelerator is not None

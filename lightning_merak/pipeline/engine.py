@@ -40,7 +40,8 @@ class PipelineEngine:
     """Everything the strategy delegates to when ``pipeline_parallel_size > 1``."""
 
     def __init__(self, strategy: Any, lightning_module: Any, pipelined: nn.Module, stage_module: nn.Module,
-                 plan: Any, schedule_name: str, num_microbatches: int, tied_groups: list[Any]) -> None:
+                 plan: Any, schedule_name: str, num_microbatches: int, tied_groups: list[Any],
+                 delta: Any = None) -> None:
         self.strategy = strategy
         self.lightning_module = lightning_module
         self.pipelined = pipelined
@@ -56,7 +57,8 @@ class PipelineEngine:
         self.is_last = self.pp_rank == self.pp_size - 1
         self.last_rank = dist.get_global_rank(self.pp_group, self.pp_size - 1)
         self.device = strategy.root_device
-        self.runner = StageRunner(stage_module, pipelined, lightning_module, self.is_last)
+        self.runner = StageRunner(stage_module, pipelined, lightning_module, self.is_last, delta)
+        self.delta = delta
         self.tied_groups = tied_groups  # [(group, [param names])] summed across the stages that hold them
         self._schedules: dict[tuple, Any] = {}
         self.trace_dir = strategy.config.trace_dir
@@ -112,7 +114,10 @@ class PipelineEngine:
             self.strategy.sync_data_parallel_grads()
         if self.trace_dir is not None:
             self._write_timeline(schedule, trainer.global_step)
-        return self._finish_step()
+        loss = self._finish_step()
+        if self.delta is not None and self.strategy._sync_grads:
+            self.strategy.log_memory(self.delta.end_step())
+        return loss
 
     def _write_timeline(self, schedule: Any, step: int) -> None:
         """Gather every rank's (action, start, end) records of this step to rank 0 as a Chrome trace."""

@@ -182,9 +182,11 @@ class StageRunner(nn.Module):
     Not registered in the LightningModule: it holds no state of its own, only references.
     """
 
-    def __init__(self, stage: nn.Module, pipelined: nn.Module, lightning_module: Any, is_last: bool) -> None:
+    def __init__(self, stage: nn.Module, pipelined: nn.Module, lightning_module: Any, is_last: bool,
+                 delta: Any = None) -> None:
         super().__init__()
         self.stage = stage
+        self.delta = delta  # DELTA manages the saved tensors of each micro-batch's forward
         self.is_last = is_last
         object.__setattr__(self, "_pipelined", pipelined)  # not a submodule: no duplicate parameters
         object.__setattr__(self, "_lightning_module", lightning_module)
@@ -196,6 +198,12 @@ class StageRunner(nn.Module):
         self.step_outputs: list[Any] = []
 
     def forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
+        if self.delta is None or not torch.is_grad_enabled():
+            return self._forward(*received, mb=mb)
+        with self.delta.forward():
+            return self._forward(*received, mb=mb)
+
+    def _forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
         index = int(mb.reshape(-1)[0])
         if not self.is_last:
             args, kwargs = self.inputs[index]

@@ -63,6 +63,8 @@ def test_budget_parsing_and_budget_without_manager():
         MerakStrategy(memory_manager="delta", memory_budget="lots")
     with pytest.raises(MerakConfigError, match="nothing uses it"):
         MerakStrategy(memory_budget="1GiB", recompute="none")
+    with pytest.raises(MerakConfigError, match="nothing uses it"):
+        MerakStrategy(memory_budget="1GiB")  # stage-aware recompute needs a pipeline to use a budget
 
 
 def test_partition_list_length_checked():
