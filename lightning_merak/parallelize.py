@@ -6,6 +6,7 @@ recomputation (stage-aware), attach the memory manager (DELTA). One function per
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Any
 
@@ -79,17 +80,24 @@ def build_engine(strategy: Any, trainer: Any) -> tuple[Any, Any]:
         tied = tied_parameter_groups(lightning_module, path, plan, mesh)
     if tp_plan is not None:
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
+    schedule_name, ratios = config.pipeline_schedule, None
     if pp > 1:
-        apply_recompute(stage_module, plan, config, mesh["pp"].get_local_rank())
+        schedule_name, ratios = choose_schedule_and_recompute(plan, config, num_microbatches)
+        owned = len(plan.stages[mesh["pp"].get_local_rank()].units)
+        stage_module.checkpoint_units(math.ceil(ratios[mesh["pp"].get_local_rank()] * owned - 1e-9))
     delta = apply_memory_manager(pipelined, config) if config.memory_manager == "delta" else None
     if plan is not None:
-        rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {pp} stages:\n{plan.table()}")
+        rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {pp} stages:\n{plan.table()}\n"
+                       f"schedule {schedule_name}, {num_microbatches} micro-batches, recompute ratio per stage "
+                       f"{[round(r, 3) for r in ratios]}")
     engine = None
     if pp > 1:
         from lightning_merak.pipeline.engine import PipelineEngine
 
-        engine = PipelineEngine(strategy, lightning_module, pipelined, stage_module, plan, config.pipeline_schedule,
-                                num_microbatches, tied, delta)
+        # Merak's pre-checkpointed cool-down forwards are recomputation too: none of it with recompute="none"
+        table = () if config.recompute == "none" else None
+        engine = PipelineEngine(strategy, lightning_module, pipelined, stage_module, plan, schedule_name,
+                                num_microbatches, tied, delta, recompute_table=table)
     return engine, delta
 
 
@@ -129,21 +137,34 @@ def apply_tp(pipelined: nn.Module, tp_plan: Any, mesh: Any, chunks: int) -> None
     apply_tensor_parallel(pipelined, mesh["tp"], tp_plan, subtensor_chunks=chunks)
 
 
-def apply_recompute(stage_module: Any, plan: Any, config: Any, stage_index: int) -> None:
-    """Checkpoint the first r_i of this stage's blocks (Merak's stage-aware ratios; none on the last stage)."""
-    from lightning_merak.pipeline.recompute import stage_aware_ratios
+def choose_schedule_and_recompute(plan: Any, config: Any, num_microbatches: int) -> tuple[str, list[float]]:
+    """The schedule ("auto": the best simulated one that fits the budget, with its reason logged) and the
+    per-stage recompute ratios (Merak's stage-aware formula, or the least that fits ``memory_budget``)."""
+    from lightning_merak.pipeline.recompute import resolve_ratios
+    from lightning_merak.pipeline.schedules import MULTI_STAGE_SCHEDULES, make_schedule
+    from lightning_merak.pipeline.simulate import choose_schedule
 
-    num_stages = len(plan.stages)
-    if config.recompute == "none":
-        return
-    if config.recompute == "full":
-        ratio = 1.0
-    elif isinstance(config.recompute, float):
-        ratio = stage_aware_ratios(config.recompute, num_stages)[stage_index]
-    else:
-        return
-    owned = len(plan.stages[stage_index].units)
-    stage_module.checkpoint_units(int(owned * ratio))
+    costs = plan.stage_costs()
+    layers = max(len(s.units) for s in plan.stages)
+    if config.pipeline_schedule == "auto":
+        choice = choose_schedule(costs, num_microbatches, memory_budget=config.budget_bytes,
+                                 recompute=config.recompute, candidates=SINGLE_STAGE_SCHEDULES)
+        rank_zero_info(f"Merak pipeline_schedule='auto' chose {choice.reason}")
+        return choice.name, list(choice.ratios)
+    if config.pipeline_schedule in MULTI_STAGE_SCHEDULES:
+        from lightning_merak.config import MerakConfigError
+
+        raise MerakConfigError(
+            f"pipeline_schedule={config.pipeline_schedule!r} places two stages on each rank; the strategy builds one "
+            f"stage per rank, so use one of {list(SINGLE_STAGE_SCHEDULES)} or 'auto' (the simulator and "
+            "`lightning_merak.pipeline.build_schedule` support it on hand-built stages)."
+        )
+    schedule = make_schedule(config.pipeline_schedule, len(plan.stages), num_microbatches)
+    ratios = resolve_ratios(config.recompute, schedule, costs, config.budget_bytes, layers_per_stage=layers)
+    return config.pipeline_schedule, ratios
+
+
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b", "shifted_critical_path")
 
 
 def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any) -> list[tuple[Any, list]]:

@@ -73,6 +73,7 @@ class StagePlan:
     sends: list[int]  # crossing keys to the next stage, in the order the stage returns them
     num_params: int = 0
     boundary: list[Boundary] = field(default_factory=list)
+    saved: int = 0  # bytes autograd saves for backward in one micro-batch's forward
 
 
 @dataclass
@@ -105,6 +106,19 @@ class PartitionPlan:
                             "parameter_bytes": s.params, "forward_flops": s.flops,
                             "sends": [dict(vars(b), shape=list(b.shape)) for b in s.boundary]}
                            for s in self.stages]}
+
+    def stage_costs(self) -> list:
+        """Per-stage costs for the schedule simulator: FLOPs as time units (backward = 2 x forward), the saved
+        bytes of one micro-batch, the received bytes, and parameters + gradients + two Adam moments as static."""
+        from lightning_merak.pipeline.simulate import StageCosts
+
+        costs = []
+        for i, st in enumerate(self.stages):
+            received = sum(_nbytes(self.capture.tensors[k]) for k in self.stages[i - 1].sends) if i else 0
+            costs.append(StageCosts(forward=float(st.flops or 1), backward=2.0 * float(st.flops or 1),
+                                    activation_bytes=float(st.saved), input_bytes=float(received),
+                                    static_bytes=4.0 * st.params))
+        return costs
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -233,7 +247,7 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
         num_params = sum(p.numel() for u in units[a:b] for p in module.get_submodule(u).parameters())
         boundary = [_boundary(cap, key, b) for key in sends]
         stages.append(StagePlan(s, units[a:b], a, sum(cap.unit_params[a:b]), sum(cap.unit_flops[a:b]), sends,
-                                num_params, boundary))
+                                num_params, boundary, sum(cap.unit_saved[a:b])))
     plan = PartitionPlan(units, stages, cuts, cap)
     plan.tied = _ties(module, plan)
     return plan

@@ -41,7 +41,7 @@ class PipelineEngine:
 
     def __init__(self, strategy: Any, lightning_module: Any, pipelined: nn.Module, stage_module: nn.Module,
                  plan: Any, schedule_name: str, num_microbatches: int, tied_groups: list[Any],
-                 delta: Any = None) -> None:
+                 delta: Any = None, recompute_table: Any = None) -> None:
         self.strategy = strategy
         self.lightning_module = lightning_module
         self.pipelined = pipelined
@@ -59,6 +59,7 @@ class PipelineEngine:
         self.device = strategy.root_device
         self.runner = StageRunner(stage_module, pipelined, lightning_module, self.is_last, delta)
         self.delta = delta
+        self.recompute_table = recompute_table
         self.tied_groups = tied_groups  # [(group, [param names])] summed across the stages that hold them
         self._schedules: dict[tuple, Any] = {}
         self.trace_dir = strategy.config.trace_dir
@@ -81,8 +82,9 @@ class PipelineEngine:
             stage = PipelineStage(self.runner, self.pp_rank, self.pp_size, self.device,
                                   input_args=recv_metas,
                                   output_args=send_metas, group=self.pp_group)
+            table = self.recompute_table if self.schedule_name == "shifted_critical_path" else None
             self._schedules[signature] = build_schedule(self.schedule_name, stage, self.num_microbatches,
-                                                        loss_fn=_identity_loss,
+                                                        loss_fn=_identity_loss, recompute_table=table,
                                                         record_timeline=self.trace_dir is not None)
         return self._schedules[signature]
 

@@ -82,6 +82,7 @@ class Capture:
     calls: list[Call]
     unit_params: list[int]
     unit_flops: list[int]
+    unit_saved: list[int] = field(default_factory=list)  # bytes autograd saves for backward, per unit
     # per tensor key: taint set, reads [(time, kind, call_index, path)], shape, dtype
     tensors: dict[int, dict] = field(default_factory=dict)
     first_call: list[int] = field(default_factory=list)   # per unit: first call index (or -1)
@@ -125,6 +126,7 @@ class _Capturer:
             for p in twin.get_submodule(name).parameters():
                 self.param_unit.setdefault(id(p), i)  # a tied weight belongs to its first user
         self.depth = 0
+        self.current = 0
         self.time = 0
         self.calls: list[Call] = []
         self.keys = WeakIdKeyDictionary()
@@ -185,12 +187,14 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
     flops = FlopCounterMode(display=False)
     unit_params = [sum(p.numel() * p.element_size() for p in twin.get_submodule(u).parameters()) for u in units]
     unit_flops = [0] * len(units)
+    unit_saved = [0] * len(units)
     hooks = []
     for i, name in enumerate(units):
         sub = twin.get_submodule(name)
 
         def pre(mod, a, kw, i=i):
             if cap.depth == 0:
+                cap.current = i
                 leaves = tree_flatten((a, kw))[0]
                 cap.time += 1
                 call = Call(len(cap.calls), i, leaves, None, time=cap.time)
@@ -219,8 +223,14 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
     meta = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
     margs = [meta(a) for a in args]
     mkwargs = {k: meta(v) for k, v in kwargs.items()}
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        # bytes autograd keeps for backward, per block: the activation memory a micro-batch holds
+        if cap.depth > 0 and not isinstance(t, nn.Parameter):
+            unit_saved[cap.current] += t.numel() * t.element_size()
+        return t
+
     try:
-        with flops, _Taint(cap):
+        with flops, _Taint(cap), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             twin(*margs, **mkwargs)
     except Exception as error:
         error.merak_module = _failing_module(twin, error)
@@ -228,7 +238,7 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
     finally:
         for h in hooks:
             h.remove()
-    result = Capture(units, cap.calls, unit_params, unit_flops)
+    result = Capture(units, cap.calls, unit_params, unit_flops, unit_saved)
     result.tensors = {k: dict(v, taint=cap.taint_of(cap.alive[k])) for k, v in cap.info.items()}
     result.first_call = [next((c.index for c in cap.calls if c.unit == u), -1) for u in range(len(units))]
     return result

@@ -10,7 +10,7 @@ import torch
 
 from tests.helpers.launch import REPO, check_script
 from tests.helpers.models import reference_loader
-from tests.helpers.pipeline_models import DictData, KIND, make_module, variable_length_collate
+from tests.helpers.pipeline_models import KIND, DictData, make_module, variable_length_collate
 
 ATOL = 1e-5
 
