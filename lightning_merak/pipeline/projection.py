@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, replace
 
+from lightning_merak.config import parse_bytes
 from lightning_merak.pipeline.recompute import MemoryBudgetError, ratios_for_budget
 from lightning_merak.pipeline.schedules import make_schedule
 from lightning_merak.pipeline.simulate import LinkCosts, StageCosts, simulate, with_ratios
@@ -169,14 +170,9 @@ def project(model: ModelConfig, layout: Layout, cluster: Cluster) -> Projection:
                       plain.makespan + dp_time, plain_fits, merak.timeline)
 
 
-def parse_bytes(text: str) -> float:
-    """``"40GiB"``, ``"24GB"``, ``"1.5e10"`` → bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
-    low = text.strip().lower()
-    for unit, scale in units.items():
-        if low.endswith(unit):
-            return float(low[: -len(unit)]) * scale
-    return float(low)
+def _bytes_arg(text: str) -> float:
+    """``"40GiB"``, ``"24GB"``, ``"1.5e10"`` -> bytes (the strategy's own parser, so both accept the same)."""
+    return float(parse_bytes(text, "--memory"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     d = Cluster()
     p.add_argument("--devices", type=int, default=d.devices)
     p.add_argument("--flops", type=float, default=d.flops, help="sustained FLOP/s per device (default %(default)g)")
-    p.add_argument("--memory", type=parse_bytes, default=d.memory, help="per device, e.g. 32GiB (default 40GiB)")
+    p.add_argument("--memory", type=_bytes_arg, default=d.memory, help="per device, e.g. 32GiB (default 40GiB)")
     p.add_argument("--tp-bandwidth", type=float, default=d.tp_bandwidth, help="bytes/s (default %(default)g)")
     p.add_argument("--pp-bandwidth", type=float, default=d.pp_bandwidth, help="bytes/s (default %(default)g)")
     p.add_argument("--dp-bandwidth", type=float, default=d.dp_bandwidth, help="bytes/s (default %(default)g)")

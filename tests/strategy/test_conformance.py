@@ -91,7 +91,9 @@ def test_checkpoint_resume_continues_identically(merak_results, reference):
             torch.testing.assert_close(res["params"][key], value, atol=ATOL, rtol=0)
     ref = reference["checkpoint"]
     assert ranks[0]["checkpoint"]["best_model_score"] == pytest.approx(ref["best_model_score"], abs=1e-6)
-    assert Path(ranks[0]["checkpoint"]["best_model_path"]).is_dir()  # sharded: a DCP folder
+    best = Path(ranks[0]["checkpoint"]["best_model_path"])
+    # sharded: a DCP folder, one file per rank plus Lightning's metadata (as ModelParallelStrategy writes)
+    assert {p.name for p in best.iterdir()} == {"meta.pt", ".metadata", "__0_0.distcp", "__1_0.distcp"}
 
 
 @pytest.mark.multiprocess
@@ -113,6 +115,12 @@ def test_consolidated_checkpoint_loads_and_resumes_in_plain_script(merak_results
     target = tmp_path / "consolidated.ckpt"
     subprocess.run([sys.executable, "-m", "lightning_merak.cli", "consolidate", str(folder), str(target)],
                    check=True, cwd=REPO)
+    merged = torch.load(target, weights_only=False)
+    # keys equal the unwrapped module's (test_model_parallel_integration.py::test_strategy_state_dict)
+    from tests.helpers.models import RegressionModule
+
+    assert set(merged["state_dict"]) == set(RegressionModule().state_dict())
+    assert len(merged["optimizer_states"]) == 1
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
