@@ -97,8 +97,9 @@ class PipelineEngine:
         step = self.lightning_module.training_step
         micro = split_batch(batch, self.num_microbatches)
         weights = [1.0 / self.num_microbatches] * self.num_microbatches
+        # the last stage re-runs the user's step itself: it needs only the first micro-batch's shapes
         inputs = [capture_model_call(step, self.pipelined, self.lightning_module, mb, batch_idx, *args)
-                  for mb in micro]
+                  for mb in (micro[:1] if self.is_last else micro)]
         self.runner.inputs, self.runner.weights = inputs, weights
         self.runner.loss_scale = 1.0 / accumulate
         self.runner.steps = [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro]

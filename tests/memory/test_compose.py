@@ -39,8 +39,9 @@ def run(model: nn.Module, delta: DeltaScheduler | None) -> list:
 
 @pytest.fixture
 def one_rank_group():
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
+    if dist.is_initialized():  # an earlier test left one: a one-rank mesh works on it as well
+        yield
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
