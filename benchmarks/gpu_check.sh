@@ -191,3 +191,9 @@ for label, bw in (("measured", None), ("recompute", 1e3), ("swap", 1e15)):
     d.close()
 section("done")
 PY
+
+section "sub-tensor tensor parallelism (benchmarks/tp_gpu.py)"
+# tp=2 needs two GPUs (NCCL refuses two ranks on one); on one GPU this measures the chunking cost only.
+# The tensor-parallel code imports lightning_merak._compat: let it run on this machine's torch build.
+LIGHTNING_MERAK_SKIP_VERSION_CHECK=1 timeout 120 "$PYTHON" benchmarks/tp_gpu.py || echo "tp_gpu.py did not finish"
+

@@ -25,7 +25,8 @@ def run_merak(tmp_path, model: str, devices: int, strategy: dict, steps: int = 3
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(devices)]
 
 
-def run_reference(model: str, steps: int = 3, dp: int = 1, module: dict | None = None, accumulate: int = 1) -> dict:
+def run_reference(model: str, steps: int = 3, dp: int = 1, module: dict | None = None, accumulate: int = 1,
+                  clip: float | None = None) -> dict:
     """One process, same seed and global batch. ``accumulate`` > 1: the reference for batch-coupled models
     (BatchNorm) accumulates gradients over the pipeline's micro-batches instead (DESIGN.md)."""
     module_kwargs = dict(module or {})
@@ -47,7 +48,8 @@ def run_reference(model: str, steps: int = 3, dp: int = 1, module: dict | None =
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         use_distributed_sampler=False, callbacks=[Rec()], accumulate_grad_batches=accumulate)
+                         use_distributed_sampler=False, callbacks=[Rec()], accumulate_grad_batches=accumulate,
+                         gradient_clip_val=clip)
     trainer.fit(ref)
     # Lightning reports each accumulated step's loss already divided by ``accumulate``: sum per optimizer step
     per_step = [sum(losses[i:i + accumulate]) for i in range(0, len(losses), accumulate)]
@@ -172,3 +174,32 @@ def test_dp2_pp2_equals_one_process(tmp_path):
     for rank in ranks:
         for key, value in rank["params"].items():
             torch.testing.assert_close(value, ref["params"][key], atol=ATOL, rtol=0, msg=key)
+
+
+@pytest.mark.multiprocess
+def test_tied_embeddings_across_stages_and_global_norm_clipping(tmp_path):
+    """GPT-2 with wte/lm_head tied: the two stages' copies get their gradients summed, so both stay equal to the
+    one tied weight of one process. Clipping by the global norm over the stages equals one process's clipping
+    (shown on an untied model: a tied weight's gradient lives on two stages and would be counted twice)."""
+    ranks = run_merak(tmp_path, "gpt2_tied", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b",
+                                                 "num_microbatches": 4, "recompute": "none"})
+    assert_matches(ranks, run_reference("gpt2_tied"))
+    clipped = run_merak(tmp_path / "clip", "sequential", 2, {"pipeline_parallel_size": 2, "num_microbatches": 4,
+                                                             "pipeline_schedule": "1f1b", "recompute": "none"},
+                        trainer={"gradient_clip_val": 0.05})
+    assert_matches(clipped, run_reference("sequential", clip=0.05))
+
+
+@pytest.mark.multiprocess
+def test_auto_schedule_and_real_timeline(tmp_path):
+    trace = tmp_path / "trace"
+    ranks = run_merak(tmp_path, "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "auto",
+                                            "num_microbatches": 4, "recompute": "none", "trace_dir": str(trace)})
+    assert_matches(ranks, run_reference("gpt2"))
+    import json
+
+    events = json.loads((trace / "pipeline_step0.json").read_text())["traceEvents"]
+    actions = [e for e in events if e.get("ph") == "X"]
+    # every rank's forwards and backwards of all 4 micro-batches, gathered to rank 0
+    assert {e["tid"] for e in actions} == {0, 1}
+    assert sum(1 for e in actions if "F" in e["name"]) == 8 and sum(1 for e in actions if "B" in e["name"]) == 8
