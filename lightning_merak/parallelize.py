@@ -167,9 +167,12 @@ def choose_schedule_and_recompute(plan: Any, config: Any, num_microbatches: int)
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b", "shifted_critical_path")
 
 
-def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any) -> list[tuple[Any, list]]:
-    """Process groups joining the stages that hold copies of one tied weight (e.g. GPT-2's wte/lm_head)."""
+def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any
+                          ) -> list[tuple[Any, list, bool]]:
+    """Process groups joining the stages that hold copies of one tied weight (e.g. GPT-2's wte/lm_head), this
+    rank's copies, and whether this rank's copy is the one a global gradient norm counts (the first stage's)."""
     groups = []
+    my_stage = mesh["pp"].get_local_rank()
     for tie in getattr(plan, "tied", []) or []:
         stages = sorted(tie.stages)
         if len(stages) < 2:
@@ -185,14 +188,15 @@ def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mes
                 if dist.get_rank() in ranks:
                     my_group = g
         if my_group is not None:
-            params = []
+            params: dict[int, nn.Parameter] = {}
             for name in tie.names:
                 full_name = f"{path}.{name}" if path else name
                 try:
-                    params.append(lightning_module.get_parameter(full_name))
-                except AttributeError:
+                    param = lightning_module.get_parameter(full_name)
+                except AttributeError:  # that copy lives on another stage
                     continue
-            groups.append((my_group, params))
+                params[id(param)] = param
+            groups.append((my_group, list(params.values()), my_stage == stages[0]))
     return groups
 
 

@@ -249,10 +249,17 @@ class MerakStrategy(ParallelStrategy):
         strategy = self
 
         def clip_grad_by_norm(optimizer: Any, clip_val: Union[int, float]) -> None:
-            params = [p for g in optimizer.param_groups for p in g["params"]]
             from lightning_merak.tensor_parallel import clip_grad_norm_
 
-            clip_grad_norm_(params, float(clip_val), strategy._norm_groups())
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            # a weight tied across stages has a copy (with the same summed gradient) on each: count one
+            copies = strategy._engine.tied_copies() if strategy._engine is not None else set()
+            norm = clip_grad_norm_([p for p in params if id(p) not in copies], float(clip_val),
+                                   strategy._norm_groups())
+            coef = min(1.0, float(clip_val) / (float(norm) + 1e-6))
+            for p in params:
+                if id(p) in copies and p.grad is not None:
+                    p.grad.mul_(coef)
 
         precision.clip_grad_by_norm = clip_grad_by_norm
         precision._merak_clipping = True

@@ -60,7 +60,7 @@ class PipelineEngine:
         self.runner = StageRunner(stage_module, pipelined, lightning_module, self.is_last, delta)
         self.delta = delta
         self.recompute_table = recompute_table
-        self.tied_groups = tied_groups  # [(group, [param names])] summed across the stages that hold them
+        self.tied_groups = tied_groups  # [(group, params, counted)] summed across the stages that hold them
         self._schedules: dict[tuple, Any] = {}
         self.trace_dir = strategy.config.trace_dir
 
@@ -150,8 +150,12 @@ class PipelineEngine:
         replay_logs(self.lightning_module, logged)
         return torch.tensor(loss, device=self.device)
 
+    def tied_copies(self) -> set[int]:
+        """Ids of this rank's tied-weight copies that another stage's copy already stands for in a norm."""
+        return {id(p) for _, params, counted in self.tied_groups if not counted for p in params}
+
     def _sum_tied_grads(self) -> None:
-        for group, params in self.tied_groups:
+        for group, params, _ in self.tied_groups:
             for p in params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=group)
