@@ -146,9 +146,13 @@ def choose_schedule_and_recompute(plan: Any, config: Any, num_microbatches: int)
 
     costs = plan.stage_costs()
     layers = max(len(s.units) for s in plan.stages)
+    # With DELTA, the memory manager decides per block (keep, swap or recompute) against each stage's budget,
+    # counting the micro-batches the schedule keeps in flight; checkpointing on top would recompute twice.
+    recompute = "none" if config.memory_manager == "delta" else config.recompute
+    budget = None if config.memory_manager == "delta" else config.budget_bytes
     if config.pipeline_schedule == "auto":
-        choice = choose_schedule(costs, num_microbatches, memory_budget=config.budget_bytes,
-                                 recompute=config.recompute, candidates=SINGLE_STAGE_SCHEDULES)
+        choice = choose_schedule(costs, num_microbatches, memory_budget=budget, recompute=recompute,
+                                 candidates=SINGLE_STAGE_SCHEDULES)
         rank_zero_info(f"Merak pipeline_schedule='auto' chose {choice.reason}")
         return choice.name, list(choice.ratios)
     if config.pipeline_schedule in MULTI_STAGE_SCHEDULES:
@@ -160,7 +164,7 @@ def choose_schedule_and_recompute(plan: Any, config: Any, num_microbatches: int)
             "`lightning_merak.pipeline.build_schedule` support it on hand-built stages)."
         )
     schedule = make_schedule(config.pipeline_schedule, len(plan.stages), num_microbatches)
-    ratios = resolve_ratios(config.recompute, schedule, costs, config.budget_bytes, layers_per_stage=layers)
+    ratios = resolve_ratios(recompute, schedule, costs, budget, layers_per_stage=layers)
     return config.pipeline_schedule, ratios
 
 
