@@ -236,6 +236,11 @@ class MerakStrategy(ParallelStrategy):
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         self._reset_optimizers_and_schedulers()  # re-entering setup (validate after fit) rebuilds them
         super().setup_optimizers(trainer)
+        if topology.size(self._device_mesh, "tp") > 1:
+            from lightning_merak.tensor_parallel import make_optimizer_checkpointable
+
+            for optimizer in self.optimizers:  # per-head (strided) shards of fused q|k|v: see tensor_parallel
+                make_optimizer_checkpointable(optimizer)
 
     def model_to_device(self) -> None:
         assert self.model is not None

@@ -98,7 +98,7 @@ class _Base(pl.LightningModule):
     """Data and optimizer shared by the test modules."""
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.get("momentum", 0.0))
 
     def _loader(self, seed: int, shuffle: bool) -> DataLoader:
         kind = KIND[self.hparams.name]
@@ -120,7 +120,7 @@ class HFModule(_Base):
     """HF style: ``loss = self.model(**batch).loss``."""
 
     def __init__(self, name: str = "gpt2", lr: float = 0.1, batch_size: int = 8, n: int = 32,
-                 variable_length: bool = False, dropout: float = 0.0) -> None:
+                 variable_length: bool = False, dropout: float = 0.0, momentum: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_hf(name, dropout)

@@ -81,3 +81,19 @@ def test_3d_llama_equals_one_process(tmp_path):
     for rank in ranks:
         for key, value in rank["params"].items():
             torch.testing.assert_close(value, ref["params"][key], atol=ATOL, rtol=0, msg=key)
+
+
+@pytest.mark.multiprocess
+def test_tp2_optimizer_state_resumes_on_one_process(tmp_path):
+    """SGD momentum of per-head-sharded (fused q|k|v) parameters survives a tp=2 -> tp=1 resume."""
+    module = {"n": 32, "momentum": 0.9, "batch_size": 16}
+    ckpt = tmp_path / "ckpt"
+    full = run_merak(tmp_path / "tp2", "gpt2", 2, {"tensor_parallel_size": 2}, steps=-1, module=module,
+                     trainer={"max_epochs": 2, "limit_val_batches": 0},
+                     callbacks={"ModelCheckpoint": {"dirpath": str(ckpt), "save_top_k": -1, "filename": "{epoch}"}})
+    resumed = run_merak(tmp_path / "tp1", "gpt2", 1, {}, steps=-1, module=module,
+                        trainer={"max_epochs": 2, "limit_val_batches": 0}, ckpt_path=str(ckpt / "epoch=0.ckpt"))
+    torch.testing.assert_close(torch.tensor(resumed[0]["losses"]), torch.tensor(full[0]["losses"][2:]),
+                               atol=ATOL, rtol=0)
+    for key, value in resumed[0]["params"].items():
+        torch.testing.assert_close(value, full[0]["params"][key], atol=ATOL, rtol=0, msg=key)
