@@ -1,16 +1,10 @@
 """lightning_merak: ``Trainer(strategy="merak")`` gives automatic 3D parallelism and memory management."""
 
 from lightning_merak.config import MerakConfigError
+from lightning_merak.partition import plan_model
 from lightning_merak.strategy import MerakStrategy
 
 __version__ = "0.1.0"
-
-
-def plan_model(*args, **kwargs):
-    """Plan pipeline stages for a module on a meta-device proxy graph (see ``lightning_merak.partition``)."""
-    from lightning_merak.partition import plan_model as _plan_model
-
-    return _plan_model(*args, **kwargs)
 
 
 def _register() -> None:

@@ -71,6 +71,12 @@ def dataloader_for(trainer) -> object:
     return loop._data_source.dataloader()
 
 
+def skip_lightning_backward(trainer) -> None:
+    """Lightning's automatic optimisation must not run backward or zero_grad: the pipeline schedule did both
+    (the loop's flag is private; StochasticWeightAveraging uses it the same way)."""
+    trainer.fit_loop._skip_backward = True
+
+
 def metric_state(metric) -> dict:
     """A torchmetrics Metric's accumulated state (torchmetrics keeps the list of state names privately)."""
     return {name: getattr(metric, name) for name in metric._defaults}
@@ -87,6 +93,7 @@ def load_metric_state(metric, state: dict) -> None:
 __all__ = [
     "dcp_load_everything",
     "dataloader_for",
+    "skip_lightning_backward",
     "metric_state",
     "load_metric_state",
     "_distributed_is_initialized",

@@ -11,6 +11,7 @@ DCP only for the keys the loading rank holds, which is why a dp x pp x tp checkp
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,12 @@ def _load_full_file(path: Path, module: torch.nn.Module, optimizers: list[Any], 
     opt_states = checkpoint.get("optimizer_states", [])
     for opt, opt_sd in zip(optimizers, opt_states, strict=False):
         named = positional_to_named(opt_sd, checkpoint.get("merak_param_order"))
-        if named is not None:
-            _restore_optimizer(module, opt, _restrict(named, local))
+        if named is None:
+            warnings.warn(f"{path} holds optimizer state by position only (not written by `lightning-merak "
+                          "consolidate`), so it cannot be matched to this stage's parameters: the optimizer starts "
+                          "fresh; the weights are loaded.", stacklevel=2)
+            continue
+        _restore_optimizer(module, opt, _restrict(named, local))
     return {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
 
 

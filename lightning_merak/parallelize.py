@@ -96,7 +96,7 @@ def build_engine(strategy: Any, trainer: Any) -> tuple[Any, Any]:
 
         # Merak's pre-checkpointed cool-down forwards are recomputation too: none of it with recompute="none"
         table = () if config.recompute == "none" else None
-        engine = PipelineEngine(strategy, lightning_module, pipelined, stage_module, plan, schedule_name,
+        engine = PipelineEngine(strategy, lightning_module, pipelined, stage_module, schedule_name,
                                 num_microbatches, tied, delta, recompute_table=table)
     return engine, delta
 

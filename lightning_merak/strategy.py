@@ -8,6 +8,7 @@ Nothing algorithmic lives here.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -200,8 +201,6 @@ class MerakStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
         hosts = [None] * self.world_size
-        import socket
-
         dist.all_gather_object(hosts, f"{socket.gethostname()}:{self.root_device}")
         rank_zero_info(topology.topology_table(dp, pp, tp, hosts))
 

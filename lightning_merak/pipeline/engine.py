@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from lightning_merak._compat import tree_flatten
+from lightning_merak._compat import skip_lightning_backward
+from lightning_merak.pipeline.stage import shape_signature
 from lightning_merak.pipeline.takeover import (
     StageRunner,
     capture_model_call,
@@ -30,23 +31,16 @@ log = logging.getLogger(__name__)
 TRACED_STEPS = 5  # real-run timelines are written for the first steps only (one JSON file per step)
 
 
-def _signature(inputs: list[tuple[tuple, dict]]) -> tuple:
-    """Shapes and dtypes of every tensor a micro-batch feeds the model: one PipelineStage per signature."""
-    leaves = tree_flatten(inputs[0])[0]
-    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
-
-
 class PipelineEngine:
     """Everything the strategy delegates to when ``pipeline_parallel_size > 1``."""
 
     def __init__(self, strategy: Any, lightning_module: Any, pipelined: nn.Module, stage_module: nn.Module,
-                 plan: Any, schedule_name: str, num_microbatches: int, tied_groups: list[Any],
+                 schedule_name: str, num_microbatches: int, tied_groups: list[Any],
                  delta: Any = None, recompute_table: Any = None) -> None:
         self.strategy = strategy
         self.lightning_module = lightning_module
         self.pipelined = pipelined
         self.stage_module = stage_module
-        self.plan = plan
         self.schedule_name = schedule_name
         self.num_microbatches = num_microbatches
         mesh = strategy.device_mesh
@@ -66,7 +60,7 @@ class PipelineEngine:
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: Any) -> None:
-        trainer.fit_loop._skip_backward = True  # the schedule runs backward; see reference/lightning.md §7
+        skip_lightning_backward(trainer)  # the schedule runs backward; see reference/lightning.md §7
 
     def teardown(self) -> None:
         self._schedules.clear()
@@ -105,7 +99,7 @@ class PipelineEngine:
         self.runner.steps = [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro]
         self.runner.step_outputs = []
         recv, send = self.stage_module.boundary_metas(*inputs[0])
-        schedule = self._schedule_for(_signature(inputs), recv, send)
+        schedule = self._schedule_for(shape_signature(*inputs[0]), recv, send)
         index = torch.arange(self.num_microbatches)
         losses: list[torch.Tensor] = []
         if self.is_last:

@@ -94,8 +94,7 @@ class StageModule(nn.Module):
             mod.forward = lambda *a, _f=original, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
 
     def _capture_for(self, args: tuple, kwargs: dict) -> Capture:
-        leaves = tree_flatten((args, kwargs))[0]
-        sig = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
+        sig = shape_signature(args, kwargs)
         if sig not in self._signatures:
             self._signatures[sig] = capture(self.twin, args, kwargs, self.plan.units)
         return self._signatures[sig]
@@ -154,6 +153,13 @@ class StageModule(nn.Module):
             raise RuntimeError(f"stage {self.stage_index} finished the forward without reaching the next stage: "
                                f"{sum(v is None for v in sent['sent'])} boundary tensors were never produced")
         return out
+
+
+def shape_signature(args: tuple, kwargs: dict) -> tuple:
+    """Shapes and dtypes of every tensor a micro-batch feeds the model (other leaves by value): one proxy capture,
+    and one PipelineStage, per signature."""
+    leaves = tree_flatten((args, kwargs))[0]
+    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
 
 
 def build_stage(module: nn.Module, plan: PartitionPlan, stage_index: int) -> StageModule:

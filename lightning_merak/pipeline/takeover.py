@@ -149,12 +149,13 @@ class LogRecorder:
         torchmetrics Metric, its module path and state (its own state already covers all micro-batches)."""
         from torchmetrics import Metric
 
-        paths = {id(m): name for name, m in lightning_module.named_modules()}
+        paths: dict[int, str] = {}
         out: dict[str, tuple[Any, dict]] = {}
         for name, entries in self.records.items():
             kwargs = entries[-1][2]
             last = entries[-1][1]
             if isinstance(last, Metric):
+                paths = paths or {id(m): n for n, m in lightning_module.named_modules()}
                 state = metric_state(last)
                 out[name] = (("metric", paths[id(last)], state), kwargs)
                 continue
