@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
+RNG_MODES = ("torch", "microbatch")
 SCHEDULES = ("shifted_critical_path", "1f1b", "gpipe", "interleaved_1f1b", "zbv", "auto")
 RECOMPUTE_MODES = ("stage_aware", "none", "full")
 MEMORY_MANAGERS = ("none", "delta")
@@ -72,6 +73,7 @@ class MerakConfig:
     memory_budget: int | str | None = None
     pipeline_module: str = "auto"
     trace_dir: str | None = None
+    rng: str = "torch"
     budget_bytes: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +99,11 @@ class MerakConfig:
         if self.memory_manager not in MEMORY_MANAGERS:
             raise MerakConfigError(
                 f"memory_manager={self.memory_manager!r} is unknown; choose one of {list(MEMORY_MANAGERS)}."
+            )
+        if self.rng not in RNG_MODES:
+            raise MerakConfigError(
+                f"rng={self.rng!r} is unknown; choose 'torch' (torch's generators as they are) or 'microbatch' "
+                "(streams per micro-batch and module: dropout masks independent of the parallel layout)."
             )
         self.budget_bytes = parse_bytes(self.memory_budget)
         if self.budget_bytes is not None and self.memory_manager == "none" and (

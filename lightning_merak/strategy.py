@@ -61,6 +61,9 @@ class MerakStrategy(ParallelStrategy):
         memory_budget: bytes per device, or a string like "20GiB".
         pipeline_module: attribute path of the submodule to pipeline; "auto" = the child with most parameters.
         trace_dir: where per-rank timelines (Chrome trace JSON) of real pipeline steps are written.
+        rng: "torch" (as is) or "microbatch": the generators are reseeded per micro-batch and around every module
+            call, so dropout masks are the same in any pipeline layout, schedule and recompute mode, and in one
+            process accumulating gradients over the same micro-batches (see ``lightning_merak.pipeline.rng``).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for any
             Lightning ParallelStrategy (normally filled in by the Trainer).
         process_group_backend: "gloo" on CPU, "nccl" on GPU by default.
@@ -86,6 +89,7 @@ class MerakStrategy(ParallelStrategy):
         memory_budget: Union[int, str, None] = None,
         pipeline_module: str = "auto",
         trace_dir: Optional[str] = None,
+        rng: Literal["torch", "microbatch"] = "torch",
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -103,7 +107,7 @@ class MerakStrategy(ParallelStrategy):
             tensor_parallel_size=tensor_parallel_size, num_microbatches=num_microbatches,
             pipeline_schedule=pipeline_schedule, partition=partition, recompute=recompute,
             subtensor_chunks=subtensor_chunks, memory_manager=memory_manager, memory_budget=memory_budget,
-            pipeline_module=pipeline_module, trace_dir=trace_dir,
+            pipeline_module=pipeline_module, trace_dir=trace_dir, rng=rng,
         )
         if start_method != "popen":
             raise MerakConfigError(
@@ -117,6 +121,7 @@ class MerakStrategy(ParallelStrategy):
         self._device_mesh: Optional[DeviceMesh] = None
         self._engine: Any = None  # the pipeline engine, built in setup (None without a pipeline)
         self._delta: Any = None  # the DELTA memory manager (None without one)
+        self.rng_streams: Any = None  # micro-batch RNG streams (rng="microbatch"), installed in setup
         self._built = False
         self._sync_grads = True
         self.num_nodes = 1
@@ -215,6 +220,8 @@ class MerakStrategy(ParallelStrategy):
             self._built = True
             topology.broadcast_module(self.lightning_module, topology.group(self._device_mesh, "dp"),
                                       topology.size(self._device_mesh, "dp"))
+        if self.config.rng == "microbatch" and self.rng_streams is None:
+            self.rng_streams = self._rng_streams()
         self.barrier("merak_setup")
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -231,6 +238,22 @@ class MerakStrategy(ParallelStrategy):
         from lightning_merak.parallelize import build_engine
 
         return build_engine(self, trainer)
+
+    def _rng_streams(self) -> Any:
+        """Micro-batch RNG streams over the whole LightningModule, with one seed on every rank."""
+        import os
+
+        from lightning_merak.parallelize import find_pipelined_module
+        from lightning_merak.pipeline.rng import MicrobatchRNG
+
+        seed = [int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))]
+        if dist.is_initialized():
+            dist.broadcast_object_list(seed, src=0)
+        # the pipelined module is entered twice on a pipeline's last stage (the user's call, then the stage's)
+        _, pipelined = find_pipelined_module(self.lightning_module, self.config.pipeline_module)
+        mesh = self._device_mesh
+        return MicrobatchRNG(self.lightning_module, seed[0], self.root_device, skip=[pipelined],
+                             data_parallel=(topology.size(mesh, "dp"), mesh["dp"].get_local_rank() if mesh else 0))
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         self._reset_optimizers_and_schedulers()  # re-entering setup (validate after fit) rebuilds them
@@ -281,6 +304,10 @@ class MerakStrategy(ParallelStrategy):
         if self._engine is not None:
             with self.precision_plugin.train_step_context():
                 return self._engine.training_step(*args, **kwargs)
+        if self.rng_streams is not None:  # one micro-batch per step without a pipeline
+            from lightning_merak.pipeline.rng import batch_index
+
+            self.rng_streams.start(batch_index(self.lightning_module.trainer, _batch_idx(args, kwargs)))
         if self._delta is not None:
             with self._delta.forward():
                 return super().training_step(*args, **kwargs)
@@ -403,7 +430,15 @@ class MerakStrategy(ParallelStrategy):
             rank_zero_info(f"DELTA memory ledger (rank {self.global_rank}):\n{self._delta.ledger.summary_table()}")
         if self._engine is not None:
             self._engine.teardown()
+        if self.rng_streams is not None:
+            self.rng_streams.remove()
+            self.rng_streams = None
         assert self.cluster_environment is not None and self.accelerator is not None
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
+
+
+def _batch_idx(args: tuple, kwargs: dict) -> int:
+    """``batch_idx`` of a ``training_step(batch, batch_idx)`` call, however Lightning passed it."""
+    return int(kwargs["batch_idx"] if "batch_idx" in kwargs else args[1])

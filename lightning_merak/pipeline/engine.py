@@ -91,9 +91,17 @@ class PipelineEngine:
         step = self.lightning_module.training_step
         micro = split_batch(batch, self.num_microbatches)
         weights = [1.0 / self.num_microbatches] * self.num_microbatches
+        rng = self.runner.rng = self.strategy.rng_streams
+        if rng is not None:
+            from lightning_merak.pipeline.rng import batch_index
+
+            self.runner.batch_index = batch_index(trainer, batch_idx)
         # the last stage re-runs the user's step itself: it needs only the first micro-batch's shapes
-        inputs = [capture_model_call(step, self.pipelined, self.lightning_module, mb, batch_idx, *args)
-                  for mb in (micro[:1] if self.is_last else micro)]
+        inputs = []
+        for j, mb in enumerate(micro[:1] if self.is_last else micro):
+            if rng is not None:  # the user's step before the model call draws as it does in the runner
+                rng.start(self.runner.batch_index, j, self.num_microbatches)
+            inputs.append(capture_model_call(step, self.pipelined, self.lightning_module, mb, batch_idx, *args))
         self.runner.inputs, self.runner.weights = inputs, weights
         self.runner.loss_scale = 1.0 / accumulate
         self.runner.steps = [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro]

@@ -197,6 +197,8 @@ class StageRunner(nn.Module):
         self.loss_scale = 1.0
         self.recorder = LogRecorder()
         self.step_outputs: list[Any] = []
+        self.rng: Any = None  # micro-batch RNG streams (MerakStrategy(rng="microbatch")), else None
+        self.batch_index = 0
 
     def forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
         if self.delta is None or not torch.is_grad_enabled():
@@ -206,6 +208,8 @@ class StageRunner(nn.Module):
 
     def _forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
         index = int(mb.reshape(-1)[0])
+        if self.rng is not None:
+            self.rng.start(self.batch_index, index, len(self.weights))
         if not self.is_last:
             args, kwargs = self.inputs[index]
             return self.stage(*received, model_args=args, model_kwargs=kwargs)

@@ -104,10 +104,10 @@ def test_schedules_and_recompute_equal_one_process(tmp_path, model, pp, runs):
 
 @pytest.mark.multiprocess
 def test_recompute_restores_rng_with_dropout(tmp_path):
-    """Dropout on: recomputed forwards replay the same masks, so every schedule x recompute mode gives the
-    run without recompute exactly (per-stage RNG streams are the same whatever the schedule)."""
+    """Dropout on, torch's own RNG: recomputed forwards replay the same masks, so recomputation (checkpointing
+    and Merak's pre-checkpointed forwards) gives the run without it exactly."""
     module = {"dropout": 0.2}
-    runs = [("1f1b", "none"), ("1f1b", "full"), ("shifted_critical_path", 0.75)]
+    runs = [("1f1b", "none"), ("shifted_critical_path", 0.75)]
     results = []
     for i, (schedule, recompute) in enumerate(runs):
         results.append(run_merak(tmp_path / f"run{i}", "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
@@ -118,6 +118,29 @@ def test_recompute_restores_rng_with_dropout(tmp_path):
             assert other[r]["losses"] == base[r]["losses"]
             for key, value in base[r]["params"].items():
                 torch.testing.assert_close(other[r]["params"][key], value, atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("model", "pp", "runs"), [
+    ("gpt2", 2, [("1f1b", "full"), ("gpipe", "none"), ("shifted_critical_path", 0.75)]),
+    ("llama", 4, [("shifted_critical_path", 0.75), ("1f1b", "full")]),
+])
+def test_dropout_with_rng_streams_equals_one_process(tmp_path, model, pp, runs):
+    """Dropout on, ``rng="microbatch"``: every schedule x recompute mode gives the losses and parameters of one
+    process accumulating gradients over the same 4 micro-batches, within 1e-5 over several steps."""
+    steps, module = 3, {"dropout": 0.2}
+    ref = run_merak(tmp_path / "one", model, 1, {"rng": "microbatch"}, steps=steps,
+                    module={**module, "batch_size": 2}, trainer={"accumulate_grad_batches": 4})[0]
+    # Lightning reports each accumulated micro-batch's loss divided by 4: the step's loss is their sum
+    ref["losses"] = [sum(ref["losses"][i:i + 4]) for i in range(0, 4 * steps, 4)]
+    no_dropout = run_reference(model, steps=steps)
+    change = max(float((v - no_dropout["params"][k]).abs().max()) for k, v in ref["params"].items())
+    assert change > 20 * ATOL  # dropout is really on: the comparison below is not vacuous
+    for i, (schedule, recompute) in enumerate(runs):
+        ranks = run_merak(tmp_path / f"run{i}", model, pp, {"pipeline_parallel_size": pp, "rng": "microbatch",
+                                                            "pipeline_schedule": schedule, "num_microbatches": 4,
+                                                            "recompute": recompute}, steps=steps, module=module)
+        assert_matches(ranks, ref)
 
 
 @pytest.mark.multiprocess

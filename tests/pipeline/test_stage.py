@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_merak.partition import plan_model
+from lightning_merak.pipeline.rng import MicrobatchRNG
 from lightning_merak.pipeline.stage import build_stage
 from tests.helpers.pipeline_models import build_hf
 
@@ -23,18 +24,23 @@ def _inputs(name: str, batch: int = 4, seq: int = 8) -> dict:
     return {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), generator=g) if name == "bert" else ids}
 
 
-def _run_chain(model: nn.Module, plan, kwargs: dict, checkpointed: int = 0):
-    """Stage 0 -> ... -> S-1 forward, then backward S-1 -> 0, as the pipeline would (fresh leaves between)."""
+def _run_chain(model: nn.Module, plan, kwargs: dict, checkpointed: int = 0, micro: int | None = None):
+    """Stage 0 -> ... -> S-1 forward, then backward S-1 -> 0, as the pipeline would (fresh leaves between).
+    ``micro``: run each stage on micro-batch ``micro``'s RNG streams, as ``MerakStrategy(rng="microbatch")``."""
     stages = []
     for s in range(len(plan.stages)):
         replica = copy.deepcopy(model)
         stage = build_stage(replica, plan, s)
         if checkpointed:
             stage.checkpoint_units(checkpointed)
-        stages.append((replica, stage))
+        rng = MicrobatchRNG(replica, seed=7, device=torch.device("cpu")) if micro is not None else None
+        stages.append((replica, stage, rng))
     received, inputs, outputs = (), [], []
-    for s, (_, stage) in enumerate(stages):
+    for s, (_, stage, rng) in enumerate(stages):
         received = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in received)
+        if rng is not None:
+            torch.manual_seed(100 + s)  # each rank's generator is its own: the streams must not depend on it
+            rng.start(0, micro, 4)
         out = stage(*received, model_args=(), model_kwargs=kwargs)
         inputs.append(received)
         outputs.append(out)
@@ -43,7 +49,7 @@ def _run_chain(model: nn.Module, plan, kwargs: dict, checkpointed: int = 0):
     loss.backward()
     for s in range(len(stages) - 2, -1, -1):
         torch.autograd.backward(outputs[s], tuple(t.grad for t in inputs[s + 1]))
-    return loss, [replica for replica, _ in stages]
+    return loss, [replica for replica, _, _ in stages]
 
 
 @pytest.mark.parametrize("num_stages", [2, 4])
@@ -98,3 +104,44 @@ def test_other_stages_hold_no_parameters():
     assert names and names < owned and all(n.startswith(("model.layers.", "model.norm", "lm_head")) for n in names)
     # a stripped block still answers attribute reads, from meta tensors that take no memory
     assert stage.module.model.embed_tokens.weight.device.type == "meta"
+
+
+def _grads(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
+    return {k: p.grad for m in modules for k, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("name", "num_stages"), [("gpt2", 2), ("gpt2", 4), ("llama", 4)])
+def test_microbatch_rng_streams_make_dropout_layout_invariant(name, num_stages):
+    """Dropout on: with micro-batch RNG streams, stages on separately seeded ranks (their other blocks zero
+    stubs), with or without recomputation, draw exactly the masks of the unsplit model in one process."""
+    torch.manual_seed(0)
+    model = build_hf(name, dropout=0.3)
+    kwargs = _inputs(name)
+    plan = plan_model(model, ((), kwargs), num_stages)
+    reference = copy.deepcopy(model)
+    rng = MicrobatchRNG(reference, seed=7, device=torch.device("cpu"))
+    rng.start(0, 1, 4)
+    ref_loss = reference(**kwargs).loss
+    ref_loss.backward()
+    for checkpointed in (0, 1):
+        loss, replicas = _run_chain(model, plan, kwargs, checkpointed, micro=1)
+        assert torch.equal(loss, ref_loss)
+        grads = _grads(replicas)
+        for key, grad in _grads([reference]).items():
+            assert torch.equal(grads[key], grad), key
+    other, _ = _run_chain(model, plan, kwargs, micro=2)  # another micro-batch draws other masks
+    plain = copy.deepcopy(model)(**kwargs).loss           # and dropout really is on
+    eval_loss = copy.deepcopy(model).eval()(**kwargs).loss
+    assert len({float(v.detach()) for v in (ref_loss, other, plain, eval_loss)}) == 4
+
+
+def test_microbatch_rng_streams_hooks_removed():
+    model = build_hf("gpt2", dropout=0.3)
+    rng = MicrobatchRNG(model, seed=7, device=torch.device("cpu"))
+    torch.manual_seed(3)
+    model.transformer.drop(torch.ones(8))
+    assert torch.initial_seed() != 3  # reseeded around the call
+    rng.remove()
+    torch.manual_seed(3)
+    model.transformer.drop(torch.ones(8))
+    assert torch.initial_seed() == 3
