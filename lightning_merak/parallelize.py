@@ -80,11 +80,12 @@ def build_engine(strategy: Any, trainer: Any) -> tuple[Any, Any]:
         tied = tied_parameter_groups(lightning_module, path, plan, mesh)
     if tp_plan is not None:
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
-    schedule_name, ratios = config.pipeline_schedule, None
+    schedule_name, ratios, auto = config.pipeline_schedule, None, None
     if pp > 1:
         schedule_name, ratios = choose_schedule_and_recompute(plan, config, num_microbatches)
-        owned = len(plan.stages[mesh["pp"].get_local_rank()].units)
-        stage_module.checkpoint_units(math.ceil(ratios[mesh["pp"].get_local_rank()] * owned - 1e-9))
+        auto = MeasuredChoice(plan, config, num_microbatches, stage_module, mesh["pp"].get_local_rank(), ratios)
+        auto.apply(ratios)
+        auto = auto if config.pipeline_schedule == "auto" else None
     delta = apply_memory_manager(pipelined, config) if config.memory_manager == "delta" else None
     if plan is not None:
         rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {pp} stages:\n{plan.table()}\n"
@@ -97,7 +98,7 @@ def build_engine(strategy: Any, trainer: Any) -> tuple[Any, Any]:
         # Merak's pre-checkpointed cool-down forwards are recomputation too: none of it with recompute="none"
         table = () if config.recompute == "none" else None
         engine = PipelineEngine(strategy, lightning_module, pipelined, stage_module, schedule_name,
-                                num_microbatches, tied, delta, recompute_table=table)
+                                num_microbatches, tied, delta, recompute_table=table, auto=auto)
     return engine, delta
 
 
@@ -169,6 +170,36 @@ def choose_schedule_and_recompute(plan: Any, config: Any, num_microbatches: int)
 
 
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b", "shifted_critical_path")
+
+
+class MeasuredChoice:
+    """``pipeline_schedule="auto"`` after the first steps: the choice again, from measured compute times.
+
+    The start-up choice uses modelled costs (FLOPs as time). Once a step has run, ``choose`` re-simulates every
+    candidate with each stage's measured forward and backward times (``simulate.measured_costs``) and the same
+    memory budget; ``apply`` sets this rank's recompute ratio (the engine rebuilds its schedules).
+    """
+
+    def __init__(self, plan: Any, config: Any, num_microbatches: int, stage_module: Any, stage_index: int,
+                 ratios: list[float]) -> None:
+        self.plan, self.config, self.num_microbatches = plan, config, num_microbatches
+        self.stage_module, self.stage_index = stage_module, stage_index
+        self.ratios = list(ratios)
+
+    def choose(self, events: list[dict]) -> Any:
+        from lightning_merak.pipeline.simulate import choose_schedule, measured_costs
+
+        costs = measured_costs(events, self.plan.stage_costs(), self.ratios)
+        recompute = "none" if self.config.memory_manager == "delta" else self.config.recompute
+        budget = None if self.config.memory_manager == "delta" else self.config.budget_bytes
+        return choose_schedule(costs, self.num_microbatches, memory_budget=budget, recompute=recompute,
+                               candidates=SINGLE_STAGE_SCHEDULES)
+
+    def apply(self, ratios: list[float]) -> None:
+        """Checkpoint the share ``ratios[stage]`` of this stage's blocks (rounded up to whole blocks)."""
+        self.ratios = list(ratios)
+        owned = len(self.plan.stages[self.stage_index].units)
+        self.stage_module.checkpoint_units(math.ceil(self.ratios[self.stage_index] * owned - 1e-9))
 
 
 def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
@@ -29,6 +30,7 @@ from lightning_merak.pipeline.takeover import (
 log = logging.getLogger(__name__)
 
 TRACED_STEPS = 5  # real-run timelines are written for the first steps only (one JSON file per step)
+AUTO_MEASURED_STEP = 1  # "auto" re-chooses from this step's times (step 0 warms up allocators and caches)
 
 
 class PipelineEngine:
@@ -36,7 +38,7 @@ class PipelineEngine:
 
     def __init__(self, strategy: Any, lightning_module: Any, pipelined: nn.Module, stage_module: nn.Module,
                  schedule_name: str, num_microbatches: int, tied_groups: list[Any],
-                 delta: Any = None, recompute_table: Any = None) -> None:
+                 delta: Any = None, recompute_table: Any = None, auto: Any = None) -> None:
         self.strategy = strategy
         self.lightning_module = lightning_module
         self.pipelined = pipelined
@@ -57,6 +59,7 @@ class PipelineEngine:
         self.tied_groups = tied_groups  # [(group, params, counted)] summed across the stages that hold them
         self._schedules: dict[tuple, Any] = {}
         self.trace_dir = strategy.config.trace_dir
+        self.auto = auto  # pipeline_schedule="auto": re-chosen from the times measured in an early step
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: Any) -> None:
@@ -79,7 +82,8 @@ class PipelineEngine:
             table = self.recompute_table if self.schedule_name == "shifted_critical_path" else None
             self._schedules[signature] = build_schedule(self.schedule_name, stage, self.num_microbatches,
                                                         loss_fn=_identity_loss, recompute_table=table,
-                                                        record_timeline=self.trace_dir is not None)
+                                                        record_timeline=self.trace_dir is not None
+                                                        or self.auto is not None)
         return self._schedules[signature]
 
     def training_step(self, batch: Any, batch_idx: int, *args: Any) -> torch.Tensor:
@@ -119,10 +123,29 @@ class PipelineEngine:
             self.strategy.sync_data_parallel_grads()
         if self.trace_dir is not None:
             self._write_timeline(schedule, trainer.global_step)
+        if self.auto is not None and trainer.global_step >= AUTO_MEASURED_STEP and self.strategy._sync_grads:
+            self._choose_from_measurements(schedule)
         loss = self._finish_step()
         if self.delta is not None and self.strategy._sync_grads:
             self.strategy.log_memory(self.delta.end_step())
         return loss
+
+    def _choose_from_measurements(self, schedule: Any) -> None:
+        """Re-run ``auto``'s choice with this step's measured stage times (rank 0's pipeline decides for all
+        replicas), then rebuild the schedules with the new schedule and recompute ratios."""
+        events: list[Any] = [None] * self.pp_size
+        dist.all_gather_object(events, schedule.timeline_events, group=self.pp_group)
+        payload: list[Any] = [None]
+        if dist.get_rank() == 0:
+            choice = self.auto.choose([e for rank_events in events for e in rank_events])
+            payload = [(choice.name, list(choice.ratios), choice.reason)]
+        dist.broadcast_object_list(payload, src=0)
+        name, ratios, reason = payload[0]
+        rank_zero_info(f"Merak pipeline_schedule='auto', re-chosen from the times measured in step "
+                       f"{AUTO_MEASURED_STEP}: {reason}")
+        self.auto.apply(ratios)
+        self.schedule_name, self.auto = name, None
+        self._schedules.clear()
 
     def _write_timeline(self, schedule: Any, step: int) -> None:
         """Gather every rank's (action, start, end) records of this step to rank 0 as a Chrome trace."""

@@ -64,8 +64,9 @@ class ActionListSchedule(_PipelineScheduleRuntime):
 
     ``pre_checkpointed`` overrides the schedule's side table of (stage, micro-batch) pairs whose forward keeps
     only inputs; pass an empty set to run the same order with ordinary forwards. With ``record_timeline`` each
-    compute action's wall-clock interval is appended to ``timeline_events`` as ``{"rank", "action", "start",
-    "end"}`` (seconds since the step began), ready for ``timeline.to_chrome_trace``.
+    compute action's wall-clock interval (from the end of its receive wait) is appended to ``timeline_events``
+    as ``{"rank", "action", "start", "end"}`` (seconds since the step began), ready for
+    ``timeline.to_chrome_trace`` and ``simulate.measured_costs``.
     """
 
     def __init__(self, stages: Sequence[PipelineStage], schedule: Schedule, loss_fn: Callable | None = None, *,
@@ -80,6 +81,7 @@ class ActionListSchedule(_PipelineScheduleRuntime):
         self.record_timeline = record_timeline
         self.timeline_events: list[dict] = []
         self._t0 = 0.0
+        self._compute_start: float | None = None  # set after a handler's receive wait: waiting is not compute
         self._saved: dict[tuple[int, int], tuple[tuple, dict, Any]] = {}
         self.pipeline_order = {r: list(acts) for r, acts in enumerate(to_torch_actions(schedule))}
         self._prepare_schedule_with_comms(self.pipeline_order)
@@ -100,8 +102,10 @@ class ActionListSchedule(_PipelineScheduleRuntime):
 
     def _timed(self, handler: Callable) -> Callable:
         def run(action, ctx: _PipelineContext) -> None:
+            self._compute_start = None
             start = time.perf_counter()
             handler(action, ctx)
+            start = self._compute_start or start
             flag = "pc" if (action.stage_index, action.microbatch_index) in self.pre_checkpointed else ""
             flag = flag if action.computation_type == _ComputationType.FORWARD else ("rc" if flag else "")
             self._record(f"{action}{flag}", start)
@@ -119,6 +123,7 @@ class ActionListSchedule(_PipelineScheduleRuntime):
         self._assert_unsharded(stage)
         if not stage.is_first and st - 1 not in self._local():
             _wait_batch_p2p(self.fwd_recv_ops.pop((st, mb)))
+            self._compute_start = time.perf_counter()
         args, kwargs = ctx.arg_mbs[mb], ctx.kwarg_mbs[mb]
         if (st, mb) in self.pre_checkpointed:
             if stage.is_last:
@@ -165,6 +170,7 @@ class ActionListSchedule(_PipelineScheduleRuntime):
             self._recompute(stage, mb)   # the gradient receive is already posted: this overlaps it
         if not stage.is_last and st + 1 not in self._local():
             _wait_batch_p2p(self.bwd_recv_ops.pop((st, mb)))
+            self._compute_start = time.perf_counter()   # (a recompute before the wait is recorded as R)
         loss = self._maybe_get_loss(stage, mb)
         last_backward = False
         if full:

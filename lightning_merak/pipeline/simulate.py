@@ -18,6 +18,7 @@ backward (``W`` for a split backward). Frees at a time instant happen before all
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -212,6 +213,48 @@ def simulate(schedule: Schedule, costs: StageCosts | Sequence[StageCosts], link:
 def with_ratios(costs: Sequence[StageCosts], ratios: Sequence[float]) -> list[StageCosts]:
     """The same stage costs with the given per-stage recompute ratios."""
     return [replace(c, recompute_ratio=float(r)) for c, r in zip(costs, ratios, strict=True)]
+
+
+def measured_costs(events: Sequence[dict], modelled: Sequence[StageCosts],
+                   ratios: Sequence[float]) -> list[StageCosts]:
+    """Stage costs with compute times measured in a real step (``ActionListSchedule`` timeline events of every
+    rank) in place of the modelled ones; bytes stay as modelled (the proxy capture's are exact).
+
+    Per stage: the median full forward (pre-checkpointed ``no_grad`` forwards excluded) and the median backward,
+    less the checkpointed share ``ratio × forward`` the backward recomputed. Stages without events keep their
+    modelled times, rescaled by the measured/modelled ratio of the others so units stay consistent.
+    """
+    forwards: dict[int, list[float]] = {}
+    backwards: dict[int, list[float]] = {}
+    for event in events:
+        match = _ACTION.fullmatch(event["action"])
+        if match is None or match.group(4) == "pc":
+            continue
+        stage, kind = int(match.group(1)), match.group(2)
+        into = forwards if kind == "F" else backwards if kind == "B" else None
+        if into is not None:
+            into.setdefault(stage, []).append(event["end"] - event["start"])
+    scales = [_median(forwards[s]) / c.forward for s, c in enumerate(modelled) if forwards.get(s) and c.forward]
+    scale = _median(scales) if scales else 1.0
+    costs = []
+    for s, c in enumerate(modelled):
+        if not (forwards.get(s) and backwards.get(s)):
+            costs.append(replace(c, forward=c.forward * scale, backward=c.backward * scale,
+                                 backward_input=None, backward_weight=None))
+            continue
+        forward = _median(forwards[s])
+        backward = max(_median(backwards[s]) - float(ratios[s]) * forward, 0.1 * forward)
+        costs.append(replace(c, forward=forward, backward=backward, backward_input=None, backward_weight=None))
+    return costs
+
+
+_ACTION = re.compile(r"(\d+)([A-Z])(\d+)(pc|rc)?")
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 @dataclass(frozen=True)

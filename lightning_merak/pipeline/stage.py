@@ -81,6 +81,7 @@ class StageModule(nn.Module):
             self._units.append(sub)
             self._hooks.append(sub.register_forward_pre_hook(self._pre_hook(u), with_kwargs=True))
         self._state: dict | None = None
+        self._checkpointed: list[tuple[nn.Module, Any]] = []  # (block, its forward before checkpointing)
 
     def checkpoint_units(self, n: int) -> None:
         """Recompute the first ``n`` owned blocks in backward (stage-aware recomputation: earlier stages hold
@@ -88,9 +89,13 @@ class StageModule(nn.Module):
         st = self.plan.stages[self.stage_index]
         from torch.utils.checkpoint import checkpoint
 
+        for mod, original in self._checkpointed:  # a new ratio ("auto" after measuring) replaces the old one
+            mod.forward = original
+        self._checkpointed = []
         for u in range(st.first, st.first + n):
             mod = self._units[u]
             original = mod.forward
+            self._checkpointed.append((mod, original))
             mod.forward = lambda *a, _f=original, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
 
     def _capture_for(self, args: tuple, kwargs: dict) -> Capture:

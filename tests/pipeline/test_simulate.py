@@ -165,3 +165,24 @@ def test_gantt_png(tmp_path) -> None:
 
     path = plot_gantt(simulate(make_schedule("1f1b", 4, 8), UNIT).timeline, tmp_path / "g.png", title="1f1b")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_measured_costs_replace_modelled_times():
+    """Median forward/backward per stage from real timeline events; pre-checkpointed (no_grad) forwards are
+    ignored and the checkpointed share is taken out of the backward; a stage without events is rescaled."""
+    from lightning_merak.pipeline.simulate import measured_costs
+
+    def ev(action, start, end):
+        return {"rank": 0, "action": action, "start": start, "end": end}
+
+    events = [ev("0F0", 0.0, 1.0), ev("0F1", 1.0, 3.0), ev("0F2", 3.0, 4.5), ev("0F3pc", 5.0, 5.1),
+              ev("0B0", 6.0, 10.0), ev("0B1rc", 10.0, 14.0), ev("0R1", 9.0, 10.0),
+              ev("1F0", 0.0, 0.5), ev("1B0", 1.0, 2.0)]
+    modelled = [StageCosts(forward=10.0, backward=20.0, activation_bytes=7.0),
+                StageCosts(forward=5.0, backward=10.0), StageCosts(forward=4.0, backward=8.0)]
+    costs = measured_costs(events, modelled, ratios=[0.5, 0.0, 0.0])
+    assert costs[0].forward == 1.5 and costs[0].backward == 4.0 - 0.5 * 1.5
+    assert costs[0].activation_bytes == 7.0   # bytes stay as modelled
+    assert costs[1].forward == 0.5 and costs[1].backward == 1.0
+    # stage 2 has no events: modelled times x median measured/modelled forward ratio (0.15, 0.1) -> 0.125
+    assert costs[2].forward == pytest.approx(0.5) and costs[2].backward == pytest.approx(1.0)
