@@ -106,11 +106,27 @@ def apply_memory_manager(pipelined: nn.Module, config: Any) -> Any:
     """DELTA over this rank's part of the module (after pruning: only owned blocks become segments)."""
     from lightning_merak.memory import DeltaScheduler
 
-    if config.budget_bytes is None:
-        from lightning_merak.config import MerakConfigError
+    budget = config.budget_bytes
+    if budget is None:  # e.g. strategy="merak_delta": fit the device, unsupervised
+        device = next((p.device for p in pipelined.parameters()), torch.device("cpu"))
+        budget = int(DEFAULT_BUDGET_SHARE * device_memory(device))
+        log.warning(f"Merak: memory_budget not set; DELTA keeps parameters, gradients and saved activations within "
+                    f"{DEFAULT_BUDGET_SHARE:.0%} of this device's memory ({budget / 2**30:.2f} GiB). Set "
+                    "memory_budget to choose.")
+    return DeltaScheduler(pipelined, budget)
 
-        raise MerakConfigError("memory_manager='delta' needs memory_budget (bytes per device, e.g. '8GiB').")
-    return DeltaScheduler(pipelined, config.budget_bytes)
+
+DEFAULT_BUDGET_SHARE = 0.75  # the rest: optimizer state, temporaries, allocator fragmentation
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory one process may use: a GPU's total, or the host's RAM shared by the local processes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local, 1)
 
 
 def apply_pipeline(pipelined: nn.Module, example: tuple[tuple, dict], num_stages: int, stage_index: int,

@@ -58,7 +58,8 @@ class MerakStrategy(ParallelStrategy):
         recompute: "stage_aware", "none", "full", or a float: Merak's first-stage recompute ratio.
         subtensor_chunks: sub-tensor TP overlap chunks; 1 disables the overlap.
         memory_manager: "none" or "delta" (dynamic swap-or-recompute of saved activations).
-        memory_budget: bytes per device, or a string like "20GiB".
+        memory_budget: bytes per device, or a string like "20GiB"; with DELTA and no budget, 75 % of the device's
+            memory.
         pipeline_module: attribute path of the submodule to pipeline; "auto" = the child with most parameters.
         trace_dir: where per-rank timelines (Chrome trace JSON) of real pipeline steps are written.
         rng: "torch" (as is) or "microbatch": the generators are reseeded per micro-batch and around every module

@@ -47,6 +47,26 @@ def test_bare_name_in_cli_script_that_never_imports_the_package(tmp_path):
     assert _run_cli(tmp_path, "--trainer.strategy=merak_delta") == "MerakStrategy 1 delta"
 
 
+def test_merak_delta_name_trains_within_a_default_budget(tmp_path):
+    """The bare name carries no budget: DELTA then keeps within 75 % of the device's memory, and says so."""
+    script = tmp_path / "fit_script.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        from lightning.pytorch.cli import LightningCLI
+        from lightning.pytorch.demos.boring_classes import BoringModel
+        cli = LightningCLI(BoringModel, run=False, args=sys.argv[1:])
+        cli.trainer.fit(cli.model)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        print(cli.trainer.global_step, cli.trainer.strategy._delta.ledger.budget_bytes == int(0.75 * ram))
+    """))
+    out = subprocess.run([sys.executable, str(script), "--trainer.strategy=merak_delta", "--trainer.accelerator=cpu",
+                          "--trainer.devices=1", "--trainer.max_steps=2", "--trainer.logger=false"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "2 True"
+    assert "memory_budget not set; DELTA keeps" in out.stderr
+
+
 def test_class_path_with_init_args(tmp_path):
     line = _run_cli(tmp_path, "--trainer.strategy=lightning_merak.MerakStrategy",
                     "--trainer.strategy.pipeline_parallel_size=1")
