@@ -89,12 +89,12 @@ def test_pipeline_equals_one_process(tmp_path, model, pp, schedule):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("model", "pp", "runs"), [
-    ("gpt2", 2, [("1f1b", "full"), ("gpipe", 0.5), ("shifted_critical_path", "none"),
-                 ("shifted_critical_path", 0.75)]),
-    ("llama", 4, [("shifted_critical_path", 0.75), ("1f1b", "full")]),
+    ("gpt2", 2, [("gpipe", 0.5), ("shifted_critical_path", "none")]),
+    ("llama", 4, [("1f1b", "full")]),
 ])
 def test_schedules_and_recompute_equal_one_process(tmp_path, model, pp, runs):
-    """Schedules x recompute modes, dropout off: equal to one process (pp=2 GPT-2, pp=4 Llama)."""
+    """Schedules x recompute modes, dropout off: equal to one process with the whole batch (pp=2 GPT-2, pp=4
+    Llama). The other combinations run with dropout on in ``test_dropout_with_rng_streams_equals_one_process``."""
     ref = run_reference(model)
     for i, (schedule, recompute) in enumerate(runs):
         ranks = run_merak(tmp_path / f"run{i}", model, pp, {"pipeline_parallel_size": pp,
@@ -124,7 +124,7 @@ def test_recompute_restores_rng_with_dropout(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("model", "pp", "runs"), [
     ("gpt2", 2, [("1f1b", "full"), ("gpipe", "none"), ("shifted_critical_path", 0.75)]),
-    ("llama", 4, [("shifted_critical_path", 0.75), ("1f1b", "full")]),
+    ("llama", 4, [("shifted_critical_path", 0.75), ("gpipe", "none")]),
 ])
 def test_dropout_with_rng_streams_equals_one_process(tmp_path, model, pp, runs):
     """Dropout on, ``rng="microbatch"``: every schedule x recompute mode gives the losses and parameters of one
