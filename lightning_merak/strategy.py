@@ -425,10 +425,17 @@ class MerakStrategy(ParallelStrategy):
         if self.is_global_zero:
             ckpt.remove(Path(filepath))
 
+    def _first_of_stage(self) -> bool:
+        """The rank that speaks for its pipeline stage: data- and tensor-parallel coordinate 0."""
+        mesh = self._device_mesh
+        return mesh is None or (mesh["dp"].get_local_rank() == 0 and mesh["tp"].get_local_rank() == 0)
+
     # ----------------------------------------------------------------------------------------- teardown
     def teardown(self) -> None:
-        if self._delta is not None:
-            rank_zero_info(f"DELTA memory ledger (rank {self.global_rank}):\n{self._delta.ledger.summary_table()}")
+        if self._delta is not None and self._first_of_stage():
+            stage = f", pipeline stage {self._device_mesh['pp'].get_local_rank()}" if self._engine is not None else ""
+            print(f"DELTA memory ledger (rank {self.global_rank}{stage}):\n{self._delta.ledger.summary_table()}",
+                  flush=True)
         if self._engine is not None:
             self._engine.teardown()
         if self.rng_streams is not None:

@@ -60,6 +60,7 @@ class PipelineEngine:
         self._schedules: dict[tuple, Any] = {}
         self.trace_dir = strategy.config.trace_dir
         self.auto = auto  # pipeline_schedule="auto": re-chosen from the times measured in an early step
+        self._delta_reported = False
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: Any) -> None:
@@ -127,8 +128,22 @@ class PipelineEngine:
             self._choose_from_measurements(schedule)
         loss = self._finish_step()
         if self.delta is not None and self.strategy._sync_grads:
-            self.strategy.log_memory(self.delta.end_step())
+            self._log_memory(self.delta.end_step())
         return loss
+
+    def _log_memory(self, stats: dict[str, float]) -> None:
+        """Every stage's DELTA ledger as ``delta/<name>/stage<i>`` metrics; once DELTA has planned, one line saying
+        what it decided per stage (its keep / swap / recompute is the pipeline's stage-aware recomputation)."""
+        per_stage: list[Any] = [None] * self.pp_size
+        dist.all_gather_object(per_stage, stats, group=self.pp_group)
+        self.strategy.log_memory({f"{k}/stage{i}": v for i, st in enumerate(per_stage) for k, v in st.items()})
+        if not self._delta_reported and not any(st["delta/profiling"] for st in per_stage):
+            self._delta_reported = True
+            mib = 2**20
+            rank_zero_info("Merak + DELTA, first planned step per stage: " + "; ".join(
+                f"stage {i} keeps {st['delta/kept_bytes'] / mib:.2f} MiB, swaps {st['delta/swapped_bytes'] / mib:.2f}"
+                f" MiB, recomputes {st['delta/recomputed_bytes'] / mib:.2f} MiB (peak {st['delta/peak_bytes'] / mib:.2f}"
+                f" of {st['delta/allowance_bytes'] / mib:.2f} MiB)" for i, st in enumerate(per_stage)))
 
     def _choose_from_measurements(self, schedule: Any) -> None:
         """Re-run ``auto``'s choice with this step's measured stage times (rank 0's pipeline decides for all
