@@ -106,6 +106,7 @@ class MerakConfig:
                 "(streams per micro-batch and module: dropout masks independent of the parallel layout)."
             )
         self.budget_bytes = parse_bytes(self.memory_budget)
+        self._check_schedule_rules()
         if self.budget_bytes is not None and self.memory_manager == "none" and (
             self.recompute != "stage_aware" or self.pipeline_parallel_size == 1
         ):
@@ -127,6 +128,21 @@ class MerakConfig:
                     f"partition lists {len(self.partition)} boundaries but pipeline_parallel_size="
                     f"{self.pipeline_parallel_size} needs {self.pipeline_parallel_size - 1} (where stages 1.. begin)."
                 )
+
+    def _check_schedule_rules(self) -> None:
+        """The schedule's micro-batch rules, at ``Trainer(...)`` time rather than after the processes started."""
+        pp = self.pipeline_parallel_size
+        if pp == 1 or self.pipeline_schedule == "auto":
+            return
+        from lightning_merak.pipeline.schedules import ScheduleError, make_schedule
+
+        try:
+            make_schedule(self.pipeline_schedule, pp, self.microbatches(pp))
+        except ScheduleError as err:
+            raise MerakConfigError(
+                f"pipeline_schedule={self.pipeline_schedule!r} cannot run num_microbatches={self.microbatches(pp)} on "
+                f"pipeline_parallel_size={pp}: {err} (pipeline_schedule='auto' picks a schedule that can.)"
+            ) from None
 
     def resolve_world(self, world_size: int) -> tuple[int, int, int]:
         """Return (dp, pp, tp) for ``world_size`` processes, or raise naming the mismatch."""

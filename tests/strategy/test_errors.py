@@ -70,3 +70,15 @@ def test_budget_parsing_and_budget_without_manager():
 def test_partition_list_length_checked():
     with pytest.raises(MerakConfigError, match="needs 3"):
         MerakStrategy(pipeline_parallel_size=4, partition=["a", "b"])
+
+
+@pytest.mark.parametrize(("schedule", "pp", "m", "rule"), [
+    ("shifted_critical_path", 2, 3, "needs num_microbatches >= 4"),
+    ("shifted_critical_path", 8, 6, r"needs num_microbatches >= 4 and >= the 8 pipeline stages"),
+    ("interleaved_1f1b", 4, 9, "multiple of the number of rounds"),
+    ("zbv", 4, 3, r"zbv needs num_microbatches >= pp \(4\)"),
+])
+def test_schedule_micro_batch_rules_checked_at_construction(schedule, pp, m, rule):
+    with pytest.raises(MerakConfigError, match=rf"pipeline_schedule='{schedule}' cannot run num_microbatches={m}.*{rule}"):
+        MerakStrategy(pipeline_parallel_size=pp, num_microbatches=m, pipeline_schedule=schedule)
+    MerakStrategy(pipeline_parallel_size=pp, num_microbatches=m, pipeline_schedule="auto")  # auto skips them
