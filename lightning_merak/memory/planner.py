@@ -63,6 +63,15 @@ class _Model:
             k: set(s.input_keys) | set(s.inner_input_keys) for k, s in profile.segments.items()
         }
         self.frees: dict[SegmentKey, set[int]] = {k: set() for k in profile.segments}
+        self.enclosing: dict[SegmentKey, set[SegmentKey]] = {}  # the calls a call is nested in, itself included
+        self.nested: dict[SegmentKey, set[SegmentKey]] = {k: set() for k in profile.segments}  # and in it
+        for k in profile.segments:
+            chain, up = {k}, profile.segments[k].parent
+            while up is not None:
+                chain.add(up)
+                self.nested[up].add(k)
+                up = profile.segments[up].parent
+            self.enclosing[k] = chain
         self.replays: dict[SegmentKey, int] = dict.fromkeys(profile.segments, 0)
         for p in pools.values():
             locations = [p.segment, *p.saved_again_in]
@@ -207,15 +216,15 @@ def _greedy(
             out |= model.frees[seg]
         return out - forced
 
-    def nested_in(seg: SegmentKey) -> list[SegmentKey]:
-        return [s for s in recompute if s != seg and profile.within(s, seg)]
+    def nested_in(seg: SegmentKey) -> set[SegmentKey]:
+        return model.nested[seg] & recompute
 
     while peak > allowance:
         gone = released()
         forcing = Counter(k for s in recompute for k in model.inputs[s])  # how many chosen calls keep each key
         best: tuple[float, float, object] | None = None
         for seg, frees in model.frees.items():
-            if seg in recompute or any(profile.within(seg, s) for s in recompute):
+            if model.enclosing[seg] & recompute:
                 continue
             nested = nested_in(seg)
             # keys kept only as inputs of the nested calls this one would replace are freed by it
