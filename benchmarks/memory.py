@@ -24,7 +24,7 @@ the device, measured on a real step at that batch:
   fits and a budget above DELTA's minimum.
 
 Step time is measured on real steps, all four modes side by side in one process, each on its own copy of
-the model: after a warm-up (DELTA: its profiling step and one planned step per shape), ``--rounds`` rounds
+the model: after a warm-up (DELTA: two profiling steps and one planned step per shape), ``--rounds`` rounds
 each time one step of every mode, the order rotating from round to round, so that load from other
 processes falls on every mode alike. Reported: the median and the range over rounds, and the per-round
 ratio of DELTA to full checkpointing (median and range). Two batches are timed: one common batch
@@ -149,11 +149,12 @@ def checkpoint_segments(model: nn.Module) -> Callable[[], None]:
 class Runner:
     """One model in one mode: steps, resident saved bytes, timing."""
 
-    def __init__(self, model: nn.Module, batch: Callable[[int], dict], mode: str, budget: int) -> None:
+    def __init__(self, model: nn.Module, batch: Callable[[int], dict], mode: str, budget: int,
+                 profile_steps: int = 1) -> None:
         self.model, self.batch, self.mode, self.budget = model, batch, mode, budget
         self.device = next(model.parameters()).device
         self.undo = checkpoint_segments(model) if mode == "full" else None
-        self.delta = DeltaScheduler(model, budget, profile_steps=1) if mode == "delta" else None
+        self.delta = DeltaScheduler(model, budget, profile_steps=profile_steps) if mode == "delta" else None
         self.segment_bytes = 0  # largest segment's saved bytes, measured unmanaged
 
     def close(self) -> None:
@@ -218,8 +219,8 @@ class Runner:
         return resident is not None and 2 * param_bytes(self.model) + resident <= self.budget
 
     def warm(self, b: int) -> None:
-        """Steps not timed: DELTA's profiling step for this shape, then one planned step; else one step."""
-        if self.delta:
+        """Steps not timed: DELTA's profiling steps for this shape, then one planned step; else one step."""
+        for _ in range(self.delta.profile_steps if self.delta else 0):
             self.step(b)
         self.step(b)
         self.model.zero_grad(set_to_none=True)
@@ -300,7 +301,7 @@ def bench(name: str, b0: int, cap: int, rounds: int, device: torch.device) -> di
         print(f"  {mode}: largest batch {best[mode]}", flush=True)
 
     # Timing: one copy of the model per mode, modes alternating within each round.
-    runners = {mode: Runner(copy.deepcopy(base), batch, mode, budget) for mode in MODES}
+    runners = {mode: Runner(copy.deepcopy(base), batch, mode, budget, profile_steps=2) for mode in MODES}
     shapes = {mode: sorted({common, best[mode]} - {0}) for mode in MODES}
     plans: dict[int, str] = {}
     for mode, runner in runners.items():

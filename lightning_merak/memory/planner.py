@@ -9,23 +9,31 @@ Every way to release bytes is an option with a measured cost:
   bytes back at once in backward (the *reserve*);
 - swap one storage: costs the part of its transfer time that compute cannot hide. Swap-out is hidden only on
   a tier that copies asynchronously (CUDA side stream), behind the forward compute after the pack; swap-in
-  only behind the backward compute before its first use, and the link is shared, so hidden time is counted
-  against the window once. A synchronous tier (the CPU swap file) exposes its whole write time.
+  only where a copy engine, not the compute's own cores, does the copy (``read_overlaps``), behind the
+  backward compute before its first use. The link is shared, so hidden time is counted against each window
+  once. The CPU swap file exposes both: it writes on the step's thread and reads with the same cores.
+  Transfer times come from measured bandwidths (the profiling step's own transfers on a synchronous tier).
 
 Filter + director (DELTA's two questions, answered together as in the journal version's knapsack): take the
 option with the least exposed seconds per freed byte, largest bytes x lifetime on ties (DELTA v1's
 filter), until the predicted peak fits the allowance; a segment call replaces the chosen calls nested in
-it. Then, cheapest per byte last, give back every choice the plan can do without: where the budget leaves
+it. Then give back, dearest per byte first, every choice the plan can do without: where the budget leaves
 room, more is kept. If no greedy plan fits, every candidate is swapped (the lowest peak of all plans).
 
-Predicted peak: kept bytes + the most backward brings back at once (a replayed call, or one segment's
-swapped storages fetched on demand) + one swapped storage of prefetch room, without which prefetch would
-wait and every swap-in would be exposed. Inputs of a replayed call are always kept (as checkpointing does), so
+Predicted peak: the larger of the kept bytes at the end of forward and, for each thing backward brings back
+at once (a replayed call, or one segment's swapped storages fetched on demand), its bytes plus the kept
+storages still alive when it comes (used then or later; autograd has freed the rest), all as measured on the
+profiled step; plus, where swap-ins are to be hidden, one swapped storage of prefetch room,
+without which prefetch would wait and every swap-in would be exposed (if no plan fits with that room, plans
+are sought without it, swap-ins counted as exposed). Inputs of a replayed call are always kept (as checkpointing does), so
 a replay never needs another replay or a swap first.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -73,12 +81,15 @@ class _Model:
                 up = profile.segments[up].parent
             self.enclosing[k] = chain
         self.replays: dict[SegmentKey, int] = dict.fromkeys(profile.segments, 0)
+        self.first_use: dict[SegmentKey, float] = dict.fromkeys(profile.segments, math.inf)  # its replay
         for p in pools.values():
             locations = [p.segment, *p.saved_again_in]
             seg = p.segment
             while seg is not None:  # every call enclosing the first save
                 if p.key not in self.inputs[seg]:
                     self.replays[seg] += p.nbytes
+                    if p.t_unpack is not None:
+                        self.first_use[seg] = min(self.first_use[seg], p.t_unpack)
                     if all(profile.within(loc, seg) for loc in locations):
                         self.frees[seg].add(p.key)
                 seg = profile.segments[seg].parent
@@ -95,21 +106,34 @@ class _Model:
             replayed |= self.frees[seg]
         replayed -= forced
         kept = 0
-        swap_groups: dict[object, int] = {}
+        kept_until: list[float] = []  # last use of each kept storage (inf: unknown, kept to the end)
+        kept_bytes: list[int] = []
+        swap_groups: dict[object, list[int | float]] = {}  # group -> [bytes, first use]
         largest_swapped = 0
         for p in pools.values():
             if p.key in replayed:
                 continue
             if p.key in swap and p.key not in forced:
-                group = p.segment if p.segment is not None else ("loose", p.key)
-                swap_groups[group] = swap_groups.get(group, 0) + p.nbytes
+                group = swap_groups.setdefault(p.segment if p.segment is not None else ("loose", p.key), [0, math.inf])
+                group[0] += p.nbytes
+                group[1] = min(group[1], p.t_unpack if p.t_unpack is not None else math.inf)
                 largest_swapped = max(largest_swapped, p.nbytes)
             else:
                 kept += p.nbytes
-        reserve = max(
-            max((self.replays[s] for s in recompute), default=0), max(swap_groups.values(), default=0)
-        )
-        return kept + reserve + (largest_swapped if headroom else 0), reserve, forced
+                kept_until.append(p.t_last_unpack if p.t_last_unpack is not None else math.inf)
+                kept_bytes.append(p.nbytes)
+        # What backward brings back at once (a replay, or a swap group fetched on demand) lands on the kept
+        # storages still alive then: those used at or after that moment (autograd frees the rest).
+        events = [(self.first_use[s], self.replays[s]) for s in recompute]
+        events += [(t, b) for b, t in swap_groups.values()]
+        reserve = max((b for _, b in events), default=0)
+        order = sorted(range(len(kept_until)), key=kept_until.__getitem__)
+        times = [kept_until[i] for i in order]
+        alive_from = list(itertools.accumulate((kept_bytes[i] for i in reversed(order)), initial=0))[::-1]
+        peak = kept
+        for t, b in events:
+            peak = max(peak, alive_from[bisect.bisect_left(times, t)] + b)
+        return peak + (largest_swapped if headroom else 0), reserve, forced
 
 
 def predict(

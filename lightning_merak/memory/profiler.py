@@ -26,6 +26,7 @@ class PoolInfo:
     segment: SegmentKey | None  # the innermost segment call it was first saved in
     t_pack: float  # compute time at pack: swap time of the profiling step already taken out
     t_unpack: float | None = None
+    t_last_unpack: float | None = None  # its last use in backward: autograd frees it soon after
     releasable: bool = True
     # innermost segment calls (None: outside any) it was saved in again; a replay of a segment frees the
     # storage only if every save lies inside it

@@ -415,9 +415,11 @@ class _ForwardRun:
                 self.profile.t_backward_start = now
         if self.profile is not None:
             self.profile.t_backward_end = now
-            if pool is not None and pool.info is not None and pool.info.t_unpack is None:
-                pool.info.t_unpack = now
-                self.profile.unpack_order.append(pool.key)
+            if pool is not None and pool.info is not None:
+                if pool.info.t_unpack is None:
+                    pool.info.t_unpack = now
+                    self.profile.unpack_order.append(pool.key)
+                pool.info.t_last_unpack = now
         if pool is not None:
             pool.consumed = True
         if self.plan is not None:
@@ -652,11 +654,13 @@ class DeltaScheduler:
         for key, info in profile.segments.items():  # the least of the measured times: others only add noise
             info.seconds = min(p.segments[key].seconds for p in profiles if key in p.segments)
         tier = self.tier_for(self.device)
-        if not tier.write_overlaps and profile.swap_bytes and profile.read_bytes:
-            # A synchronous tier: the profiling step's own transfers, timed on the host, are the measure
-            # (a page cache's speed depends on what the step has already written, not on a 16 MiB probe).
-            self.bandwidth = (profile.swap_bytes / max(profile.swap_seconds, 1e-9),
-                              profile.read_bytes / max(profile.read_seconds, 1e-9))
+        measured = [p for p in profiles if p.swap_bytes and p.read_bytes]
+        if not tier.write_overlaps and measured:
+            # A synchronous tier: the profiling steps' own transfers, timed on the host, are the measure (a
+            # page cache's speed depends on what the step has already written, not on a 16 MiB probe); the
+            # best of them, as for compute times.
+            self.bandwidth = (max(p.swap_bytes / max(p.swap_seconds, 1e-9) for p in measured),
+                              max(p.read_bytes / max(p.read_seconds, 1e-9) for p in measured))
         elif self.bandwidth is None:
             self.bandwidth = tier.measure_bandwidth()  # asynchronous copies: timed with device events
         out_bw, in_bw = self.bandwidth
