@@ -26,6 +26,8 @@ def test_bitwise_equal_and_within_budget(zoo, kind, policy):
     assert plan.fits
     if policy == "recompute":
         assert plan.recompute, "the director should pick recompute when swapping is slow"
+        # No swaps, so no prefetch: the ledger follows the plan's peak model (replays land on what is alive)
+        assert all(s[3]["delta/peak_bytes"] <= plan.predicted_peak for s in got[1:])
     if policy == "swap":
         assert not plan.recompute and plan.swap
     for stats in (s[3] for s in got):
