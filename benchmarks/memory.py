@@ -326,8 +326,9 @@ def bench(name: str, b0: int, cap: int, rounds: int, device: torch.device) -> di
     def med(key: tuple[str, int]) -> float:
         return statistics.median(times[key])
 
-    print(f"timing: {rounds} rounds, modes alternating; median [min-max] over rounds; memory: DELTA's ledger peak "
-          f"(saved activations) and the real process rise during the step ({'max_memory_allocated' if device.type == 'cuda' else 'peak RSS'})")
+    real = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+    print(f"timing: {rounds} rounds, modes alternating; median [min-max] over rounds; memory: DELTA's ledger "
+          f"peak (saved activations) and the real process rise during the step ({real})")
     print(f"{'mode':<12} {'max batch':>9} {'x none':>7} | {'s/step @' + str(common):>13} {'[min-max]':>15} "
           f"{'x none':>7} {'fits':>5} {'ledger MiB':>10} {'process MiB':>11} | {'samples/s @max':>14} {'x none':>7}")
     ref_common = med(("none", common))
@@ -339,14 +340,16 @@ def bench(name: str, b0: int, cap: int, rounds: int, device: torch.device) -> di
         sps = best[mode] / med((mode, best[mode])) if best[mode] else float("nan")
         fits = "yes" if best[mode] >= common else "no"
         lpeak = ledger[key] / 2**20
-        print(f"{mode:<12} {best[mode]:>9} {best[mode] / best['none']:>7.2f} | {med(key):>13.3f} "
-              f"{f'[{min(t):.3f}-{max(t):.3f}]':>15} {med(key) / ref_common:>7.2f} {fits:>5} "
-              f"{'-' if lpeak != lpeak else f'{lpeak:.1f}':>10} {statistics.median(rises[key]) / 2**20:>11.1f} | "
-              f"{sps:>14.1f} {sps / ref_sps:>7.2f}")
+        spread = f"[{min(t):.3f}-{max(t):.3f}]"
+        ledger_mib = "-" if lpeak != lpeak else f"{lpeak:.1f}"
+        print(f"{mode:<12} {best[mode]:>9} {best[mode] / best['none']:>7.2f} | {med(key):>13.3f} {spread:>15} "
+              f"{med(key) / ref_common:>7.2f} {fits:>5} {ledger_mib:>10} "
+              f"{statistics.median(rises[key]) / 2**20:>11.1f} | {sps:>14.1f} {sps / ref_sps:>7.2f}")
         rows[mode] = {"batch": best[mode], "s_common": med(key), "x_none": med(key) / ref_common}
     paired = [d / f for d, f in zip(times[("delta", common)], times[("full", common)], strict=True)]
-    print(f"DELTA / full checkpointing at batch {common} (same budget), per round: median {statistics.median(paired):.2f} "
-          f"[{min(paired):.2f}-{max(paired):.2f}]  ({'DELTA faster' if statistics.median(paired) < 1 else 'DELTA slower'})")
+    ratio = statistics.median(paired)
+    print(f"DELTA / full checkpointing at batch {common} (same budget), per round: median {ratio:.2f} "
+          f"[{min(paired):.2f}-{max(paired):.2f}]  ({'DELTA faster' if ratio < 1 else 'DELTA slower'})")
     print(f"DELTA plan at batch {common}: {plans.get(common, '?')}")
     return rows
 

@@ -23,10 +23,10 @@ room, more is kept. If no greedy plan fits, every candidate is swapped (the lowe
 Predicted peak: the larger of the kept bytes at the end of forward and, for each thing backward brings back
 at once (a replayed call, or one segment's swapped storages fetched on demand), its bytes plus the kept
 storages still alive when it comes (used then or later; autograd has freed the rest), all as measured on the
-profiled step; plus, where swap-ins are to be hidden, one swapped storage of prefetch room,
-without which prefetch would wait and every swap-in would be exposed (if no plan fits with that room, plans
-are sought without it, swap-ins counted as exposed). Inputs of a replayed call are always kept (as checkpointing does), so
-a replay never needs another replay or a swap first.
+profiled step; plus, where swap-ins are to be hidden, one swapped storage of prefetch room, without which
+prefetch would wait and every swap-in would be exposed (if no plan fits with that room, plans are sought
+without it, swap-ins counted as exposed). Inputs of a replayed call are always kept (as checkpointing does),
+so a replay never needs another replay or a swap first.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ class _Model:
             if p.key in replayed:
                 continue
             if p.key in swap and p.key not in forced:
-                group = swap_groups.setdefault(p.segment if p.segment is not None else ("loose", p.key), [0, math.inf])
+                name = p.segment if p.segment is not None else ("loose", p.key)
+                group = swap_groups.setdefault(name, [0, math.inf])
                 group[0] += p.nbytes
                 group[1] = min(group[1], p.t_unpack if p.t_unpack is not None else math.inf)
                 largest_swapped = max(largest_swapped, p.nbytes)

@@ -7,10 +7,11 @@ Mechanism (reference/delta.md section 6):
   and tensors off the managed device pass through untouched.
 - Recompute is segment-level: the innermost repeated blocks (``find_segments``) and every module inside
   them (``segment_tree``: segments nest) run through a wrapper. In a segment call the plan recomputes, each
-  saved tensor (nested calls included) is replaced by a (segment call, index) handle and dropped; the segment's inputs are kept, with its RNG and autocast state; the first unpack in backward
-  replays the segment under capturing hooks and hands out the regenerated tensors, so dropout masks and
-  gradients are bitwise those of the unmanaged run. Buffers touched by the replay (BatchNorm statistics)
-  are restored afterwards.
+  saved tensor (nested calls included) is replaced by a (segment call, index) handle and dropped; the
+  call's inputs are kept, with its RNG and autocast state; the first unpack in backward replays the call
+  under capturing hooks and hands out the regenerated tensors, so dropout masks and gradients are bitwise
+  those of the unmanaged run. Buffers touched by the replay (BatchNorm statistics) are restored afterwards;
+  an input modified in place since the call is an error.
 - Swapped storages go to a :class:`~lightning_merak.memory.swap.SwapTier` at pack time and are prefetched
   in backward in the unpack order recorded while profiling, as far ahead as the allowance permits.
 - The first ``profile_steps`` steps for each input signature swap every storage above ``min_swap_bytes``
