@@ -1,6 +1,6 @@
 """Side by side at one memory budget: no management, full checkpointing, torch's save_on_cpu, and DELTA.
 
-    python benchmarks/memory.py [--models resnet50 gpt2] [--steps 3] [--device cuda]
+    python benchmarks/memory.py [--models resnet50 gpt2] [--rounds 5] [--device cuda]
 
 On a machine whose torch fails lightning_merak's version check, load it the way gpu_check.sh does:
     python3 -c "import sys,types,runpy; p=types.ModuleType('lightning_merak'); p.__path__=['lightning_merak'];
@@ -23,15 +23,27 @@ the device, measured on a real step at that batch:
 - DELTA: the ledger's peak (real accounting of kept, prefetched and replayed storages), with a plan that
   fits and a budget above DELTA's minimum.
 
-Throughput is measured on real steps (median of ``--steps`` after a warm-up; DELTA after its profiling
-step): each mode at its own largest batch (samples/s, ratio to the unmanaged run at b0), and all modes at
-one common batch (``2.5 x b0``, where the unmanaged run is over budget and timed only as a reference).
+Step time is measured on real steps, all four modes side by side in one process, each on its own copy of
+the model: after a warm-up (DELTA: two profiling steps and one planned step per shape), ``--rounds`` rounds
+each time one step of every mode, the order rotating from round to round, so that load from other
+processes falls on every mode alike. Reported: the median and the range over rounds, and the per-round
+ratio of DELTA to full checkpointing (median and range). Two batches are timed: one common batch
+(``2.5 x b0``: the unmanaged run is over budget there and timed only as a reference; a mode whose largest
+batch is smaller is marked as over budget) and each mode's own largest batch (samples/s).
+
+Memory per timed step, two measures side by side: DELTA's ledger peak (saved activations only, what the
+budget's allowance bounds) and the real rise of the process during the step (CPU: peak RSS, reset through
+``/proc/self/clear_refs``, minus RSS before the step; CUDA: ``max_memory_allocated`` minus the memory
+allocated before the step), which also holds gradients, logits, activation gradients and temporaries.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import ctypes
+import ctypes.util
 import logging
 import statistics
 import time
@@ -46,6 +58,7 @@ from lightning_merak.config import MerakConfigError
 from lightning_merak.memory import DeltaScheduler, find_segments
 
 MODES = ("none", "full", "save_on_cpu", "delta")
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
 
 
 def build(name: str, device: torch.device) -> tuple[nn.Module, Callable[[int], dict]]:
@@ -136,11 +149,12 @@ def checkpoint_segments(model: nn.Module) -> Callable[[], None]:
 class Runner:
     """One model in one mode: steps, resident saved bytes, timing."""
 
-    def __init__(self, model: nn.Module, batch: Callable[[int], dict], mode: str, budget: int) -> None:
+    def __init__(self, model: nn.Module, batch: Callable[[int], dict], mode: str, budget: int,
+                 profile_steps: int = 1) -> None:
         self.model, self.batch, self.mode, self.budget = model, batch, mode, budget
         self.device = next(model.parameters()).device
         self.undo = checkpoint_segments(model) if mode == "full" else None
-        self.delta = DeltaScheduler(model, budget, profile_steps=1) if mode == "delta" else None
+        self.delta = DeltaScheduler(model, budget, profile_steps=profile_steps) if mode == "delta" else None
         self.segment_bytes = 0  # largest segment's saved bytes, measured unmanaged
 
     def close(self) -> None:
@@ -204,20 +218,49 @@ class Runner:
         resident = self.resident_saved(b)
         return resident is not None and 2 * param_bytes(self.model) + resident <= self.budget
 
-    def seconds_per_step(self, b: int, steps: int) -> float:
-        if self.delta:
-            self.step(b)  # profiling step for this shape (not timed)
-        self.step(b)  # warm-up
-        times = []
-        for _ in range(steps):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+    def warm(self, b: int) -> None:
+        """Steps not timed: DELTA's profiling steps for this shape, then one planned step; else one step."""
+        for _ in range(self.delta.profile_steps if self.delta else 0):
             self.step(b)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        self.step(b)
+        self.model.zero_grad(set_to_none=True)
+
+    def timed_step(self, b: int) -> tuple[float, int, float]:
+        """(seconds, real memory rise of the process during the step, ledger peak or nan)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        before = _process_now(self.device)
+        t0 = time.perf_counter()
+        stats = self.step(b)
+        sync()
+        seconds = time.perf_counter() - t0
+        rise = _process_peak(self.device) - before
+        self.model.zero_grad(set_to_none=True)  # the next mode's step starts without this mode's grads
+        return seconds, rise, stats["delta/peak_bytes"] if stats else float("nan")
+
+
+def _process_now(device: torch.device) -> int:
+    """Memory in use now, and the peak counter reset to it (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    if hasattr(_LIBC, "malloc_trim"):  # glibc: freed heap pages back to the system, so the step's peak shows
+        _LIBC.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux)
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _process_peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status("VmHWM")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def largest_batch(runner: Runner, b0: int, cap: int) -> int:
@@ -239,7 +282,7 @@ def largest_batch(runner: Runner, b0: int, cap: int) -> int:
     return lo
 
 
-def bench(name: str, b0: int, cap: int, steps: int, device: torch.device) -> list[dict]:
+def bench(name: str, b0: int, cap: int, rounds: int, device: torch.device) -> dict:
     base, batch = build(name, device)
     probe = SavedBytes(base)
     torch.manual_seed(1)
@@ -250,23 +293,64 @@ def bench(name: str, b0: int, cap: int, steps: int, device: torch.device) -> lis
     print(f"\n## {name}: budget {budget / 2**20:.1f} MiB = 2 x params {param_bytes(base) / 2**20:.1f} MiB "
           f"+ unmanaged saved bytes at b0={b0} ({probe.total / 2**20:.1f} MiB)", flush=True)
     common = int(2.5 * b0 + 0.5)
-    rows = []
+    best: dict[str, int] = {}
     for mode in MODES:
         runner = Runner(base, batch, mode, budget)
-        best = largest_batch(runner, b0, cap)
-        at_best = runner.seconds_per_step(best, steps) if best else float("nan")
-        at_common = runner.seconds_per_step(common, steps)
+        best[mode] = largest_batch(runner, b0, cap)
         runner.close()
-        rows.append({"mode": mode, "batch": best, "s_best": at_best, "s_common": at_common})
-        print(f"  {mode}: largest batch {best}", flush=True)
-    ref = rows[0]
-    print(f"{'mode':<12} {'max batch':>9} {'x none':>7} {'samples/s':>10} {'x none':>7} "
-          f"| {'s/step @' + str(common):>12} {'x none':>7}")
-    for r in rows:
-        sps = r["batch"] / r["s_best"] if r["batch"] else float("nan")
-        ref_sps = ref["batch"] / ref["s_best"]
-        print(f"{r['mode']:<12} {r['batch']:>9} {r['batch'] / ref['batch']:>7.2f} {sps:>10.1f} {sps / ref_sps:>7.2f} "
-              f"| {r['s_common']:>12.3f} {r['s_common'] / ref['s_common']:>7.2f}")
+        print(f"  {mode}: largest batch {best[mode]}", flush=True)
+
+    # Timing: one copy of the model per mode, modes alternating within each round.
+    runners = {mode: Runner(copy.deepcopy(base), batch, mode, budget, profile_steps=2) for mode in MODES}
+    shapes = {mode: sorted({common, best[mode]} - {0}) for mode in MODES}
+    plans: dict[int, str] = {}
+    for mode, runner in runners.items():
+        for b in shapes[mode]:
+            runner.warm(b)
+            if runner.delta:  # a new shape's plan is the newest
+                plans[b] = list(runner.delta.plans.values())[-1].describe()
+    times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in MODES for b in shapes[m]}
+    rises: dict[tuple[str, int], list[int]] = {k: [] for k in times}
+    ledger: dict[tuple[str, int], float] = {}
+    for r in range(rounds):
+        order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+        for mode in order:
+            for b in shapes[mode]:
+                seconds, rise, peak = runners[mode].timed_step(b)
+                times[(mode, b)].append(seconds)
+                rises[(mode, b)].append(rise)
+                ledger[(mode, b)] = peak
+    for runner in runners.values():
+        runner.close()
+
+    def med(key: tuple[str, int]) -> float:
+        return statistics.median(times[key])
+
+    real = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+    print(f"timing: {rounds} rounds, modes alternating; median [min-max] over rounds; memory: DELTA's ledger "
+          f"peak (saved activations) and the real process rise during the step ({real})")
+    print(f"{'mode':<12} {'max batch':>9} {'x none':>7} | {'s/step @' + str(common):>13} {'[min-max]':>15} "
+          f"{'x none':>7} {'fits':>5} {'ledger MiB':>10} {'process MiB':>11} | {'samples/s @max':>14} {'x none':>7}")
+    ref_common = med(("none", common))
+    ref_sps = best["none"] / med(("none", best["none"])) if best["none"] else float("nan")
+    rows = {}
+    for mode in MODES:
+        key = (mode, common)
+        t = times[key]
+        sps = best[mode] / med((mode, best[mode])) if best[mode] else float("nan")
+        fits = "yes" if best[mode] >= common else "no"
+        lpeak = ledger[key] / 2**20
+        spread = f"[{min(t):.3f}-{max(t):.3f}]"
+        ledger_mib = "-" if lpeak != lpeak else f"{lpeak:.1f}"
+        print(f"{mode:<12} {best[mode]:>9} {best[mode] / best['none']:>7.2f} | {med(key):>13.3f} {spread:>15} "
+              f"{med(key) / ref_common:>7.2f} {fits:>5} {ledger_mib:>10} "
+              f"{statistics.median(rises[key]) / 2**20:>11.1f} | {sps:>14.1f} {sps / ref_sps:>7.2f}")
+        rows[mode] = {"batch": best[mode], "s_common": med(key), "x_none": med(key) / ref_common}
+    paired = [d / f for d, f in zip(times[("delta", common)], times[("full", common)], strict=True)]
+    ratio = statistics.median(paired)
+    print(f"DELTA / full checkpointing at batch {common} (same budget), per round: median {ratio:.2f} "
+          f"[{min(paired):.2f}-{max(paired):.2f}]  ({'DELTA faster' if ratio < 1 else 'DELTA slower'})")
+    print(f"DELTA plan at batch {common}: {plans.get(common, '?')}")
     return rows
 
 
@@ -275,13 +359,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet50", "gpt2"], choices=["resnet50", "gpt2"])
     parser.add_argument("--b0", type=int, default=2, help="batch the unmanaged run just fits")
     parser.add_argument("--cap", type=int, default=16, help="search up to cap x b0")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (one step of every mode each)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="DELTA: no plan fits")
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     for name in args.models:
-        bench(name, args.b0, args.cap, args.steps, torch.device(args.device))
+        bench(name, args.b0, args.cap, args.rounds, torch.device(args.device))
 
 
 if __name__ == "__main__":

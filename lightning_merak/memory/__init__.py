@@ -22,7 +22,7 @@ Standalone use::
 
 from lightning_merak.memory.ledger import MemoryLedger
 from lightning_merak.memory.planner import Plan, plan_forward
-from lightning_merak.memory.profiler import ForwardProfile, find_segments
+from lightning_merak.memory.profiler import ForwardProfile, find_segments, segment_tree
 from lightning_merak.memory.scheduler import DeltaScheduler
 from lightning_merak.memory.swap import FileSwapTier, PinnedSwapTier, SwapTier
 
@@ -35,5 +35,6 @@ __all__ = [
     "Plan",
     "SwapTier",
     "find_segments",
+    "segment_tree",
     "plan_forward",
 ]

@@ -1,7 +1,9 @@
 """What DELTA measures on its profiling steps, and where its recompute segments are.
 
-A profiled forward is a list of storages saved for backward (:class:`PoolInfo`: bytes, the segment it was
-made in, pack and first-unpack time) and of segment calls (:class:`SegmentInfo`: forward time, inputs).
+A profiled forward is a list of storages saved for backward (:class:`PoolInfo`: bytes, the segments it was
+saved in, pack and first-unpack time) and of segment calls (:class:`SegmentInfo`: forward time, inputs, the
+enclosing call). Segments nest: a repeated block is a segment, and so is each module inside it, so that the
+planner can recompute a whole layer or only the part of it that is cheap per byte (a GELU, an attention core).
 Keys are positions in the forward's pack order, which is deterministic for a given input signature, so a
 plan made from one profiled forward applies to the next ones with the same shapes.
 """
@@ -21,11 +23,14 @@ class PoolInfo:
 
     key: int
     nbytes: int
-    segment: SegmentKey | None
-    t_pack: float
+    segment: SegmentKey | None  # the innermost segment call it was first saved in
+    t_pack: float  # compute time at pack: swap time of the profiling step already taken out
     t_unpack: float | None = None
+    t_last_unpack: float | None = None  # its last use in backward: autograd frees it soon after
     releasable: bool = True
-    escapes: bool = False  # saved again after its segment returned (kept even if the segment is replayed)
+    # innermost segment calls (None: outside any) it was saved in again; a replay of a segment frees the
+    # storage only if every save lies inside it
+    saved_again_in: list[SegmentKey | None] = field(default_factory=list)
 
     @property
     def lifetime(self) -> float:
@@ -37,6 +42,7 @@ class SegmentInfo:
     """One call of a recompute segment."""
 
     key: SegmentKey
+    parent: SegmentKey | None = None  # the enclosing segment call
     seconds: float = 0.0
     input_keys: list[int] = field(default_factory=list)  # pools made before the call that it takes as input
     inner_input_keys: list[int] = field(default_factory=list)  # pools of its inputs first saved inside it
@@ -53,7 +59,10 @@ class ForwardProfile:
     t_forward_end: float = 0.0
     t_backward_start: float | None = None
     t_backward_end: float | None = None
-    swap_seconds: float = 0.0
+    swap_seconds: float = 0.0  # host time spent in swap-outs (the profiling step swaps every candidate)
+    swap_bytes: int = 0
+    read_seconds: float = 0.0  # host time spent waiting for swap-ins in backward
+    read_bytes: int = 0
 
     @property
     def forward_seconds(self) -> float:
@@ -63,15 +72,24 @@ class ForwardProfile:
     def backward_seconds(self) -> float:
         if self.t_backward_start is None or self.t_backward_end is None:
             return self.forward_seconds * 2
-        return max(self.t_backward_end - self.t_backward_start, 1e-9)
+        return max(self.t_backward_end - self.t_backward_start - self.read_seconds, 1e-9)
+
+    def within(self, inner: SegmentKey | None, outer: SegmentKey) -> bool:
+        """Whether segment call ``inner`` is ``outer`` or nested in it."""
+        while inner is not None:
+            if inner == outer:
+                return True
+            inner = self.segments[inner].parent
+        return False
 
     def segment_bytes(self, key: SegmentKey) -> int:
-        """Bytes saved inside a segment call, its own inputs included: what it needs at once in backward."""
-        return sum(p.nbytes for p in self.pools.values() if p.segment == key)
+        """Bytes first saved inside a segment call (nested calls included), its own inputs too: what it needs
+        at once in backward."""
+        return sum(p.nbytes for p in self.pools.values() if self.within(p.segment, key))
 
 
 def find_segments(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The recompute units: the innermost repeated blocks (elements of a ModuleList/Sequential).
+    """The layers: the innermost repeated blocks (elements of a ModuleList/Sequential).
 
     GPT-2 and BERT give their transformer layers, ResNet its conv-norm-activation layers. A block qualifies
     when it holds parameters and no repeated blocks of its own, so segments never nest.
@@ -101,3 +119,24 @@ def find_segments(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
     visit("", module)
     return found
+
+
+def segment_tree(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every recompute unit: the layers of :func:`find_segments`, then every module inside each layer.
+
+    Recomputing a whole layer frees all it saves but re-runs all of it; a module inside it (GPT-2's GELU
+    saves four 4h-wide tensors and costs a few elementwise ops) can free many bytes for little time. Which
+    ones are worth it is the planner's choice from measured costs, not a list of module types.
+    """
+    out: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    layers = find_segments(module)
+    for name, layer in layers:
+        out.append((name, layer))
+        seen.add(id(layer))
+    for name, layer in layers:
+        for sub, m in layer.named_modules(prefix=name):
+            if id(m) not in seen:
+                seen.add(id(m))
+                out.append((sub, m))
+    return out

@@ -5,12 +5,13 @@ Mechanism (reference/delta.md section 6):
 - ``saved_tensors_hooks`` around each managed forward see every saved tensor. Tensors are grouped by
   storage identity into alias pools (DTR); never by ``data_ptr``. Parameters, buffers, tensor subclasses
   and tensors off the managed device pass through untouched.
-- Recompute is segment-level: the innermost repeated blocks (``find_segments``) run through a wrapper. In
-  a segment the plan recomputes, each saved tensor is replaced by a (segment call, index) handle and
-  dropped; the segment's inputs are kept, with its RNG and autocast state; the first unpack in backward
-  replays the segment under capturing hooks and hands out the regenerated tensors, so dropout masks and
-  gradients are bitwise those of the unmanaged run. Buffers touched by the replay (BatchNorm statistics)
-  are restored afterwards.
+- Recompute is segment-level: the innermost repeated blocks (``find_segments``) and every module inside
+  them (``segment_tree``: segments nest) run through a wrapper. In a segment call the plan recomputes, each
+  saved tensor (nested calls included) is replaced by a (segment call, index) handle and dropped; the
+  call's inputs are kept, with its RNG and autocast state; the first unpack in backward replays the call
+  under capturing hooks and hands out the regenerated tensors, so dropout masks and gradients are bitwise
+  those of the unmanaged run. Buffers touched by the replay (BatchNorm statistics) are restored afterwards;
+  an input modified in place since the call is an error.
 - Swapped storages go to a :class:`~lightning_merak.memory.swap.SwapTier` at pack time and are prefetched
   in backward in the unpack order recorded while profiling, as far ahead as the allowance permits.
 - The first ``profile_steps`` steps for each input signature swap every storage above ``min_swap_bytes``
@@ -35,7 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lightning_merak.config import MerakConfigError, parse_bytes
 from lightning_merak.memory.ledger import MemoryLedger
 from lightning_merak.memory.planner import Plan, minimum_allowance, plan_forward
-from lightning_merak.memory.profiler import ForwardProfile, PoolInfo, SegmentInfo, find_segments
+from lightning_merak.memory.profiler import ForwardProfile, PoolInfo, SegmentInfo, segment_tree
 from lightning_merak.memory.swap import SwapTier, make_tier, storage_bytes
 
 
@@ -150,7 +151,14 @@ class _Swapped:
 
     def unpack(self) -> torch.Tensor:
         self.run.on_unpack(self.pool)
-        buf = self.pool.fetch()
+        profile = self.run.profile
+        if profile is None:
+            buf = self.pool.fetch()
+        else:  # profiling: fetched on demand; the wait is a measured swap-in
+            t0 = time.perf_counter()
+            buf = self.pool.fetch()
+            profile.read_seconds += time.perf_counter() - t0
+            profile.read_bytes += self.pool.nbytes
         return torch.empty(0, dtype=self.dtype, device=buf.device).set_(
             buf.untyped_storage(), self.offset, self.size, self.stride
         )
@@ -189,6 +197,7 @@ class _SegmentCall:
             if torch.is_autocast_enabled(dev)
         ]
         self.input_pools = run.hold_inputs(_tensors((args, kwargs)))
+        self.versions = [t._version for t in _tensors((self.args, self.kwargs))]
 
     def tensor(self, index: int) -> torch.Tensor:
         if self._tensors is None:
@@ -203,6 +212,11 @@ class _SegmentCall:
         return t
 
     def _replay(self) -> None:
+        if [t._version for t in _tensors((self.args, self.kwargs))] != self.versions:
+            raise RuntimeError(
+                f"DELTA: an input of {type(self.module).__name__} was modified in place after the call, so its "
+                "recomputation would differ; use memory_manager='none' or avoid the in-place op."
+            )
         captured: list[torch.Tensor] = []
 
         def pack(t: torch.Tensor) -> int:
@@ -260,7 +274,7 @@ class _ForwardRun:
         self.pack_count = 0
         self.stack: list[tuple[int, tuple, _SegmentCall | None, SegmentInfo | None]] = []
         self.segment_calls: dict[int, int] = {}
-        self.pending_inputs: dict[int, SegmentInfo] = {}
+        self.pending_inputs: dict[int, list[SegmentInfo]] = {}
         self.swap_order: list[weakref.ref] = []
         self.cursor = 0
         self.backward_started = False
@@ -300,8 +314,8 @@ class _ForwardRun:
         pool = self.pools.get(storage)
         if pool is not None:
             here = top[1] if top else None
-            if pool.info is not None and pool.info.segment is not None and pool.info.segment != here:
-                pool.info.escapes = True  # saved again outside its segment: a replay would not free it
+            if pool.info is not None and here != pool.info.segment and here not in pool.info.saved_again_in:
+                pool.info.saved_again_in.append(here)  # a replay frees it only if it holds every save
             if not pool.swapped:
                 return _Kept(t, pool, self)
             if t._version != pool.version:  # written in place since it was swapped out
@@ -314,12 +328,14 @@ class _ForwardRun:
         pool = _Pool(key, nbytes, sched.ledger, sched.tier_for(t.device) if swap else None)
         self.pools[storage] = pool
         if self.profile is not None:
-            pool.info = PoolInfo(key, nbytes, top[1] if top else None, time.perf_counter(),
+            pool.info = PoolInfo(key, nbytes, top[1] if top else None,
+                                 time.perf_counter() - self.profile.swap_seconds,
                                  releasable=nbytes >= sched.min_swap_bytes)
             self.profile.pools[key] = pool.info
-            seg = self.pending_inputs.get(id(storage))
-            if seg is not None and top is not None and seg.key == top[1]:
-                seg.inner_input_keys.append(key)
+            open_calls = {entry[1] for entry in self.stack}
+            for seg in self.pending_inputs.pop(id(storage), ()):
+                if seg.key in open_calls:  # an input of a call still running, first saved inside it
+                    seg.inner_input_keys.append(key)
         if swap:
             self.timed_write(pool, t)
             if self.plan is not None:
@@ -332,6 +348,7 @@ class _ForwardRun:
         pool.write(t)
         if self.profile is not None:
             self.profile.swap_seconds += time.perf_counter() - t0
+            self.profile.swap_bytes += pool.nbytes
 
     def hold_inputs(self, inputs: list[torch.Tensor]) -> list[_Pool]:
         """Keep the inputs of a recomputed segment (dedupe with kept pools, else a new kept pool)."""
@@ -354,11 +371,13 @@ class _ForwardRun:
         ordinal = self.segment_calls.get(index, 0)
         self.segment_calls[index] = ordinal + 1
         key = (index, ordinal)
-        call = info = None
-        if self.plan is not None and key in self.plan.recompute:
+        top = self.stack[-1] if self.stack else None
+        call = top[2] if top else None  # inside a call being recomputed, saves belong to that call
+        info = None
+        if call is None and self.plan is not None and key in self.plan.recompute:
             call = _SegmentCall(self, forward, module, args, kwargs)
         if self.profile is not None:
-            info = SegmentInfo(key)
+            info = SegmentInfo(key, parent=top[1] if top else None)
             self.profile.segments[key] = info
             for t in _tensors((args, kwargs)):
                 if type(t) is not torch.Tensor:
@@ -367,7 +386,7 @@ class _ForwardRun:
                 if pool is not None and pool.key is not None:
                     info.input_keys.append(pool.key)
                 else:
-                    self.pending_inputs[id(t.untyped_storage())] = info
+                    self.pending_inputs.setdefault(id(t.untyped_storage()), []).append(info)
             self.sched.sync()
             swap0, t0 = self.profile.swap_seconds, time.perf_counter()
         self.stack.append((index, key, call, info))
@@ -397,9 +416,11 @@ class _ForwardRun:
                 self.profile.t_backward_start = now
         if self.profile is not None:
             self.profile.t_backward_end = now
-            if pool is not None and pool.info is not None and pool.info.t_unpack is None:
-                pool.info.t_unpack = now
-                self.profile.unpack_order.append(pool.key)
+            if pool is not None and pool.info is not None:
+                if pool.info.t_unpack is None:
+                    pool.info.t_unpack = now
+                    self.profile.unpack_order.append(pool.key)
+                pool.info.t_last_unpack = now
         if pool is not None:
             pool.consumed = True
         if self.plan is not None:
@@ -464,7 +485,7 @@ class DeltaScheduler:
         params = {id(_local(p).untyped_storage()): _local(p).untyped_storage().nbytes() for p in module.parameters()}
         first = next(module.parameters(), None)
         self.device = _local(first).device if first is not None else torch.device("cpu")
-        self.ledger = MemoryLedger(budget, sum(params.values()))
+        self.ledger = MemoryLedger(budget, sum(params.values()), self.device)
         self.param_storages: set[int] = set()
         self.plans: dict[tuple | None, Plan] = {}
         self.profiles: dict[tuple | None, list[ForwardProfile]] = {}
@@ -475,7 +496,7 @@ class DeltaScheduler:
         self._forwards_since_backward = 0
         self._active: list[_ForwardRun] = []
         self._checked = False
-        self.segments = find_segments(module)
+        self.segments = segment_tree(module)
         self._originals: list[tuple[nn.Module, Any]] = []
         for index, (_, seg) in enumerate(self.segments):
             self._wrap(index, seg)
@@ -525,7 +546,7 @@ class DeltaScheduler:
         for run in profiled:
             done = self.profiles[run.signature]
             if len(done) >= self.profile_steps and run.signature not in self.plans:
-                plan = self._plan(done[-1])
+                plan = self._plan(done)
                 self.plans[run.signature] = plan
                 if not plan.fits:
                     warnings.warn(
@@ -629,11 +650,21 @@ class DeltaScheduler:
                 f"at once in backward. Raise memory_budget to at least {minimum} or use a smaller batch."
             )
 
-    def _plan(self, profile: ForwardProfile) -> Plan:
-        if self.bandwidth is None:
-            self.bandwidth = self.tier_for(self.device).measure_bandwidth()
+    def _plan(self, profiles: list[ForwardProfile]) -> Plan:
+        profile = profiles[-1]
+        for key, info in profile.segments.items():  # the least of the measured times: others only add noise
+            info.seconds = min(p.segments[key].seconds for p in profiles if key in p.segments)
+        tier = self.tier_for(self.device)
+        measured = [p for p in profiles if p.swap_bytes and p.read_bytes]
+        if not tier.write_overlaps and measured:
+            # A synchronous tier: the profiling steps' own transfers, timed on the host, are the measure (a
+            # page cache's speed depends on what the step has already written, not on a 16 MiB probe); the
+            # best of them, as for compute times.
+            self.bandwidth = (max(p.swap_bytes / max(p.swap_seconds, 1e-9) for p in measured),
+                              max(p.read_bytes / max(p.read_seconds, 1e-9) for p in measured))
+        elif self.bandwidth is None:
+            self.bandwidth = tier.measure_bandwidth()  # asynchronous copies: timed with device events
         out_bw, in_bw = self.bandwidth
         if self.swap_bandwidth is not None:
             out_bw = in_bw = self.swap_bandwidth
-        write_overlaps = self.tier_for(self.device).write_overlaps
-        return plan_forward(profile, self.forward_allowance, out_bw, in_bw, write_overlaps)
+        return plan_forward(profile, self.forward_allowance, out_bw, in_bw, tier.write_overlaps, tier.read_overlaps)

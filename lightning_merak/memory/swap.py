@@ -36,6 +36,8 @@ class SwapTier:
     name = "none"
     #: whether swap-out runs concurrently with compute (the director hides it behind forward work)
     write_overlaps = False
+    #: whether prefetched swap-ins run beside compute without slowing it (a copy engine, not the CPU cores)
+    read_overlaps = False
 
     def swap_out(self, data: torch.Tensor) -> object:
         """Copy a flat uint8 tensor out; the returned slot identifies the copy."""
@@ -77,6 +79,7 @@ class FileSwapTier(SwapTier):
 
     name = "file"
     write_overlaps = False
+    read_overlaps = False  # the prefetch thread copies with the same cores the compute uses
 
     def __init__(self, swap_dir: str | os.PathLike | None = None) -> None:
         fd, path = tempfile.mkstemp(prefix="delta-swap-", suffix=".bin", dir=swap_dir)
@@ -161,6 +164,7 @@ class PinnedSwapTier(SwapTier):
 
     name = "pinned"
     write_overlaps = True
+    read_overlaps = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)

@@ -44,3 +44,39 @@ def test_string_budget_is_parsed(zoo):
     delta = DeltaScheduler(zoo.build("gpt2"), memory_budget="1.5GiB")
     assert delta.ledger.budget_bytes == int(1.5 * 2**30)
     delta.close()
+
+
+def test_replay_refuses_an_input_modified_in_place():
+    """A recomputed call whose input changed in place after the call would replay on other data: an error."""
+    import torch
+    from torch import nn
+
+    from lightning_merak.memory.planner import Plan
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(32, 32), nn.Dropout(0.5)
+
+        def forward(self, x):
+            h = self.lin(x)
+            d = self.drop(h)  # saves only its mask: h itself is not saved for backward
+            h.add_(1.0)
+            return d * 2 + h
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(Block(), Block()))  # the inner Sequential holds the layers
+    delta = DeltaScheduler(model, memory_budget=10 * 2**30, profile_steps=1)
+    x = torch.randn(64, 32, requires_grad=True)
+    with delta.forward():
+        loss = model(x).sum()
+    loss.backward()
+    delta.end_step()
+    drop = next(i for i, (name, _) in enumerate(delta.segments) if name == "0.0.drop")
+    (signature,) = delta.plans
+    delta.plans[signature] = Plan(recompute={(drop, 0)})  # replay block 0's dropout alone
+    with delta.forward():
+        loss = model(x).sum()
+    with pytest.raises(RuntimeError, match="Dropout was modified in place"):
+        loss.backward()
+    delta.close()

@@ -175,3 +175,18 @@ def test_no_tensor_outlives_its_step(zoo):
         assert live_bytes() == before
         assert delta.ledger.resident == 0
         delta.close()
+
+
+def test_summary_states_what_the_ledger_counts_beside_the_process_peak(zoo):
+    base = zoo.build("gpt2")
+    delta = DeltaScheduler(base, memory_budget=10 * 2**30, profile_steps=1)
+    stats = zoo.train(base, "gpt2", delta, steps=2)
+    with open("/proc/self/status") as status:
+        hwm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    for s in (s[3] for s in stats):
+        # the real peak holds parameters, gradients, logits, temporaries: more than the saved activations
+        assert s["delta/peak_bytes"] < s["delta/process_peak_bytes"] <= hwm
+    table = delta.ledger.summary_table()
+    assert "saved activations only" in table and "process peak RSS" in table
+    assert f"{stats[-1][3]['delta/process_peak_bytes'] / 2**20:,.1f} MiB" in table
+    delta.close()
