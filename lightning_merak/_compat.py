@@ -126,3 +126,24 @@ from torch.distributed.pipelining.stage import _normalize_model_output_as_tuple 
 
 __all__ += ["_Action", "_add_send_recv", "_ComputationType", "_PipelineContext", "_PipelineScheduleRuntime",
             "_ScheduleForwardOnly", "_wait_batch_p2p", "_normalize_model_output_as_tuple"]
+
+# --- module hooks -------------------------------------------------------------------------------------
+# nn.Module keeps its forward hooks in private dicts; a deep copy (the proxy capture's meta twin) would copy
+# them and the objects they close over (RNG streams, DELTA), so the copy maps them to empty dicts instead.
+_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                       "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+                       "_backward_hooks")
+
+
+def hook_free_memo(module: torch.nn.Module) -> dict[int, object]:
+    """A ``copy.deepcopy`` memo under which ``module``'s copy carries none of its forward/backward hooks."""
+    memo: dict[int, object] = {}
+    for sub in module.modules():
+        for name in _FORWARD_HOOK_DICTS:
+            hooks = sub.__dict__.get(name)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
+    return memo
+
+
+__all__ += ["hook_free_memo"]

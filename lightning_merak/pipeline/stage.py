@@ -51,15 +51,16 @@ class StageModule(nn.Module):
     per input-shape signature.
     """
 
-    def __init__(self, module: nn.Module, plan: PartitionPlan, stage_index: int) -> None:
+    def __init__(self, module: nn.Module, plan: PartitionPlan, stage_index: int, units: _Units) -> None:
         super().__init__()
         self.stage_index = stage_index
         self.num_stages = len(plan.stages)
         object.__setattr__(self, "module", module)
         object.__setattr__(self, "plan", plan)
-        object.__setattr__(self, "twin", meta_twin(module))
+        object.__setattr__(self, "twin", units.twin)
+        object.__setattr__(self, "shared", units)
         st = plan.stages[stage_index]
-        owned = set(range(st.first, st.first + len(st.units)))
+        self.owned = frozenset(range(st.first, st.first + len(st.units)))
         cap = plan.capture
         k_in = st.first
         self.recv_keys = plan.stages[stage_index - 1].sends if stage_index > 0 else []
@@ -67,36 +68,24 @@ class StageModule(nn.Module):
         self.recv_at = {first_read_after(cap, key, k_in): i for i, key in enumerate(self.recv_keys)}
         k_out = st.first + len(st.units)
         self.send_at = {first_read_after(cap, key, k_out): i for i, key in enumerate(self.send_keys)}
-        self._units: list[nn.Module] = []
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         object.__setattr__(self, "device", device)
         self._signatures: dict[tuple, Capture] = {}
-        self._hooks = []
-        for u, name in enumerate(plan.units):
-            sub = module.get_submodule(name)
-            has_state = any(True for _ in sub.parameters())
-            if u not in owned and has_state:
-                _strip(sub)
-                sub.forward = self._stub_output
-            self._units.append(sub)
-            self._hooks.append(sub.register_forward_pre_hook(self._pre_hook(u), with_kwargs=True))
+        self._hooks = [module.get_submodule(name).register_forward_pre_hook(self._pre_hook(u), with_kwargs=True)
+                       for u, name in enumerate(plan.units)]
         self._state: dict | None = None
-        self._checkpointed: list[tuple[nn.Module, Any]] = []  # (block, its forward before checkpointing)
 
     def checkpoint_units(self, n: int) -> None:
         """Recompute the first ``n`` owned blocks in backward (stage-aware recomputation: earlier stages hold
-        more micro-batches in flight); non-reentrant, RNG state preserved so dropout replays identically."""
-        st = self.plan.stages[self.stage_index]
+        more micro-batches in flight); non-reentrant, RNG state preserved so dropout replays identically. A new
+        ``n`` ("auto" after measuring) replaces the old one."""
         from torch.utils.checkpoint import checkpoint
 
-        for mod, original in self._checkpointed:  # a new ratio ("auto" after measuring) replaces the old one
-            mod.forward = original
-        self._checkpointed = []
-        for u in range(st.first, st.first + n):
-            mod = self._units[u]
-            original = mod.forward
-            self._checkpointed.append((mod, original))
-            mod.forward = lambda *a, _f=original, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
+        first = self.plan.stages[self.stage_index].first
+        for u in self.owned:
+            original = self.shared.original[u]
+            self.shared.live[u] = original if u >= first + n else (
+                lambda *a, _f=original, **kw: checkpoint(_f, *a, use_reentrant=False, **kw))
 
     def _capture_for(self, args: tuple, kwargs: dict) -> Capture:
         sig = shape_signature(args, kwargs)
@@ -147,6 +136,7 @@ class StageModule(nn.Module):
         cap = self._capture_for(model_args, model_kwargs)
         self._state = {"cap": cap, "call": -1, "next": 0, "depth": 0, "received": received,
                        "sent": [None] * len(self.send_at)}
+        outer, self.shared.running = self.shared.running, self
         try:
             out = self.module(*model_args, **model_kwargs)
         except _Stop:
@@ -154,6 +144,7 @@ class StageModule(nn.Module):
         finally:
             sent = self._state
             self._state = None
+            self.shared.running = outer
         if self.stage_index < self.num_stages - 1:
             raise RuntimeError(f"stage {self.stage_index} finished the forward without reaching the next stage: "
                                f"{sum(v is None for v in sent['sent'])} boundary tensors were never produced")
@@ -167,7 +158,47 @@ def shape_signature(args: tuple, kwargs: dict) -> tuple:
     return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
 
 
+class _Units:
+    """The blocks of one pruned module, shared by the stages built on it (two per rank for interleaved and V
+    schedules). Each block with parameters runs through ``dispatch``: live (its forward, or the checkpointed
+    one) while a stage that owns it is running, else the running stage's zero stub. Blocks no local stage owns
+    are stripped of their parameters and can only be stubs."""
+
+    def __init__(self, module: nn.Module, plan: PartitionPlan, local: set[int]) -> None:
+        self.twin = meta_twin(module)  # before any stripping
+        self.running: StageModule | None = None
+        self.original: dict[int, Any] = {}
+        self.live: dict[int, Any] = {}
+        for u, name in enumerate(plan.units):
+            sub = module.get_submodule(name)
+            stateful = any(True for _ in sub.parameters())
+            if u not in local and not stateful:
+                continue  # parameter-free blocks (dropout, rotary tables) run for real on every stage
+            if u in local:
+                self.original[u] = self.live[u] = sub.forward
+            else:
+                _strip(sub)
+            sub.forward = self._dispatch(u, stateful)
+
+    def _dispatch(self, unit: int, stateful: bool):
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            stage = self.running
+            if stage is None or unit in stage.owned or not stateful:
+                return self.live[unit](*args, **kwargs)
+            return stage._stub_output()
+        return forward
+
+
+def build_stages(module: nn.Module, plan: PartitionPlan, stage_indices: list[int]) -> list[StageModule]:
+    """Prune ``module`` in place to the stages ``stage_indices`` of ``plan`` (this rank's) and wrap each. Weights
+    tied across stages (``plan.tied``) stay on every stage that uses them; their gradients must be all-reduced
+    between the ranks holding them."""
+    local = {u for i in stage_indices
+             for u in range(plan.stages[i].first, plan.stages[i].first + len(plan.stages[i].units))}
+    units = _Units(module, plan, local)
+    return [StageModule(module, plan, i, units) for i in stage_indices]
+
+
 def build_stage(module: nn.Module, plan: PartitionPlan, stage_index: int) -> StageModule:
-    """Prune ``module`` in place to stage ``stage_index`` of ``plan`` and wrap it. Weights tied across stages
-    (``plan.tied``) stay on every stage that uses them; their gradients must be all-reduced between those."""
-    return StageModule(module, plan, stage_index)
+    """``build_stages`` for one stage per rank."""
+    return build_stages(module, plan, [stage_index])[0]

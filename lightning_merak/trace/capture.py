@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_merak._compat import tree_flatten
+from lightning_merak._compat import hook_free_memo, tree_flatten
 
 
 class CaptureError(RuntimeError):
@@ -56,8 +56,9 @@ def find_units(module: nn.Module, num_stages: int, expand: frozenset[str] = froz
 
 
 def meta_twin(module: nn.Module, device: str = "meta") -> nn.Module:
-    """A copy of ``module`` whose weights live on ``device`` (meta: no memory); no weight data is copied."""
-    memo = {}
+    """A copy of ``module`` whose weights live on ``device`` (meta: no memory); no weight data is copied, and no
+    hooks: the copy only records shapes, it must not run what others attached to the module."""
+    memo = hook_free_memo(module)
     for t in list(module.parameters()) + list(module.buffers()):
         if id(t) in memo:
             continue

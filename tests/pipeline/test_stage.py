@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_merak.partition import plan_model
 from lightning_merak.pipeline.rng import MicrobatchRNG
-from lightning_merak.pipeline.stage import build_stage
+from lightning_merak.pipeline.stage import build_stage, build_stages
 from tests.helpers.pipeline_models import build_hf
 
 
@@ -24,17 +24,19 @@ def _inputs(name: str, batch: int = 4, seq: int = 8) -> dict:
     return {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), generator=g) if name == "bert" else ids}
 
 
-def _run_chain(model: nn.Module, plan, kwargs: dict, checkpointed: int = 0, micro: int | None = None):
+def _run_chain(model: nn.Module, plan, kwargs: dict, checkpointed: int = 0, micro: int | None = None,
+               placement: list[list[int]] | None = None):
     """Stage 0 -> ... -> S-1 forward, then backward S-1 -> 0, as the pipeline would (fresh leaves between).
-    ``micro``: run each stage on micro-batch ``micro``'s RNG streams, as ``MerakStrategy(rng="microbatch")``."""
-    stages = []
-    for s in range(len(plan.stages)):
+    ``micro``: run each stage on micro-batch ``micro``'s RNG streams, as ``MerakStrategy(rng="microbatch")``.
+    ``placement``: the stages each replica (rank) holds; default one each."""
+    stages = [None] * len(plan.stages)
+    for local in placement or [[s] for s in range(len(plan.stages))]:
         replica = copy.deepcopy(model)
-        stage = build_stage(replica, plan, s)
-        if checkpointed:
-            stage.checkpoint_units(checkpointed)
         rng = MicrobatchRNG(replica, seed=7, device=torch.device("cpu")) if micro is not None else None
-        stages.append((replica, stage, rng))
+        for s, stage in zip(local, build_stages(replica, plan, local), strict=True):
+            if checkpointed:
+                stage.checkpoint_units(checkpointed)
+            stages[s] = (replica, stage, rng)
     received, inputs, outputs = (), [], []
     for s, (_, stage, rng) in enumerate(stages):
         received = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in received)
@@ -49,7 +51,7 @@ def _run_chain(model: nn.Module, plan, kwargs: dict, checkpointed: int = 0, micr
     loss.backward()
     for s in range(len(stages) - 2, -1, -1):
         torch.autograd.backward(outputs[s], tuple(t.grad for t in inputs[s + 1]))
-    return loss, [replica for replica, _, _ in stages]
+    return loss, list({id(replica): replica for replica, _, _ in stages}.values())
 
 
 @pytest.mark.parametrize("num_stages", [2, 4])
@@ -76,6 +78,36 @@ def test_stages_equal_unsplit_model(name, num_stages):
     assert set().union(*keys) == set(model.state_dict())
     if name != "bart":  # Bart ties its encoder and decoder embeddings to one shared weight
         assert sum(map(len, keys)) == len(model.state_dict())
+
+
+@pytest.mark.parametrize("placement", [[[0, 2], [1, 3]], [[0, 3], [1, 2]]], ids=["interleaved", "v"])
+@pytest.mark.parametrize("name", ["gpt2_tied", "llama"])
+def test_two_stages_per_rank_equal_unsplit_model(name, placement):
+    """Interleaved and V placements: two stages built on one pruned module (each runs its own blocks, the other
+    local stage's are stubs while it runs); with recompute too. A weight tied across the two stages of one rank
+    stays one parameter there."""
+    torch.manual_seed(0)
+    model = build_hf(name)
+    kwargs = _inputs("gpt2" if name == "gpt2_tied" else name)
+    plan = plan_model(model, ((), kwargs), 4)
+    ref_loss = model(**kwargs).loss
+    ref_loss.backward()
+    reference = dict(model.named_parameters())
+    for checkpointed in (0, 1):
+        loss, replicas = _run_chain(model, plan, kwargs, checkpointed, placement=placement)
+        assert torch.equal(loss, ref_loss)
+        grads: dict[str, torch.Tensor] = {}
+        for replica in replicas:
+            # a weight tied across ranks (wte / lm_head): each rank's copy gets a part, summed as the engine does
+            seen: set[int] = set()
+            for key, p in replica.named_parameters(remove_duplicate=False):
+                key = "transformer.wte.weight" if key == "lm_head.weight" and name == "gpt2_tied" else key
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    grads[key] = grads[key] + p.grad if key in grads else p.grad
+        for key, p in reference.items():
+            torch.testing.assert_close(grads[key], p.grad, atol=1e-6, rtol=0, msg=key)
+        assert len(replicas) == 2 and set().union(*(r.state_dict() for r in replicas)) == set(model.state_dict())
 
 
 def test_variable_sequence_length_and_recompute():
