@@ -107,6 +107,13 @@ class MerakConfig:
             )
         self.budget_bytes = parse_bytes(self.memory_budget)
         self._check_schedule_rules()
+        if self.memory_manager == "delta" and self.pipeline_schedule in ("interleaved_1f1b", "zbv") \
+                and self.pipeline_parallel_size > 1:
+            raise MerakConfigError(
+                f"memory_manager='delta' with pipeline_schedule={self.pipeline_schedule!r} is not supported: DELTA "
+                "manages one stage per rank, these schedules place two. Use 'shifted_critical_path', '1f1b', "
+                "'gpipe' or 'auto' with DELTA."
+            )
         if self.budget_bytes is not None and self.memory_manager == "none" and (
             self.recompute != "stage_aware" or self.pipeline_parallel_size == 1
         ):

@@ -73,32 +73,34 @@ def build_engine(strategy: Any, trainer: Any) -> tuple[Any, Any]:
     example = example_inputs(strategy, trainer, pipelined, num_microbatches)
     warn_batch_coupled(pipelined, pp)
 
-    stage_module, plan, tied = None, None, []
+    stages, plan, tied, placement = [], None, [], ()
     tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None  # on the whole module
     if pp > 1:
-        stage_module, plan = apply_pipeline(pipelined, example, pp, mesh["pp"].get_local_rank(), config.partition)
-        tied = tied_parameter_groups(lightning_module, path, plan, mesh)
+        placement = stage_placement(config.pipeline_schedule, pp, num_microbatches)
+        stages, plan = apply_pipeline(pipelined, example, placement, mesh["pp"].get_local_rank(), config.partition)
+        tied = tied_parameter_groups(lightning_module, path, plan, mesh, placement)
     if tp_plan is not None:
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     schedule_name, ratios, auto = config.pipeline_schedule, None, None
     if pp > 1:
-        schedule_name, ratios = choose_schedule_and_recompute(plan, config, num_microbatches)
-        auto = MeasuredChoice(plan, config, num_microbatches, stage_module, mesh["pp"].get_local_rank(), ratios)
+        schedule_name, ratios = choose_schedule_and_recompute(plan, config, pp, num_microbatches)
+        auto = MeasuredChoice(plan, config, num_microbatches, stages, ratios)
         auto.apply(ratios)
         auto = auto if config.pipeline_schedule == "auto" else None
     delta = apply_memory_manager(pipelined, config) if config.memory_manager == "delta" else None
     if plan is not None:
-        rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {pp} stages:\n{plan.table()}\n"
-                       f"schedule {schedule_name}, {num_microbatches} micro-batches, recompute ratio per stage "
-                       f"{[round(r, 3) for r in ratios]}")
+        where = "" if len(placement) == pp else f" (pipeline rank of each stage: {list(placement)})"
+        rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {len(placement)} stages"
+                       f"{where}:\n{plan.table()}\nschedule {schedule_name}, {num_microbatches} micro-batches, "
+                       f"recompute ratio per stage {[round(r, 3) for r in ratios]}")
     engine = None
     if pp > 1:
         from lightning_merak.pipeline.engine import PipelineEngine
 
         # Merak's pre-checkpointed cool-down forwards are recomputation too: none of it with recompute="none"
         table = () if config.recompute == "none" else None
-        engine = PipelineEngine(strategy, lightning_module, pipelined, stage_module, schedule_name,
-                                num_microbatches, tied, delta, recompute_table=table, auto=auto)
+        engine = PipelineEngine(strategy, lightning_module, pipelined, stages, schedule_name, num_microbatches,
+                                tied, placement, delta, recompute_table=table, auto=auto)
     return engine, delta
 
 
@@ -129,14 +131,24 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local, 1)
 
 
-def apply_pipeline(pipelined: nn.Module, example: tuple[tuple, dict], num_stages: int, stage_index: int,
-                   partition: Any) -> tuple[nn.Module, Any]:
+def stage_placement(schedule: str, pp: int, num_microbatches: int) -> tuple[int, ...]:
+    """The pipeline rank of each stage: one stage per rank, or two (interleaved: 0..p−1, 0..p−1; V: 0..p−1,
+    p−1..0) for the schedules that place two."""
+    from lightning_merak.pipeline.schedules import MULTI_STAGE_SCHEDULES, make_schedule
+
+    if schedule in MULTI_STAGE_SCHEDULES:
+        return tuple(make_schedule(schedule, pp, num_microbatches).stage_to_rank)
+    return tuple(range(pp))
+
+
+def apply_pipeline(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], pp_rank: int,
+                   partition: Any) -> tuple[list[nn.Module], Any]:
     """Plan stages on the proxy graph (same plan on every rank: it is deterministic) and keep this rank's."""
     from lightning_merak.partition import plan_model
-    from lightning_merak.pipeline.stage import build_stage
+    from lightning_merak.pipeline.stage import build_stages
 
-    plan = plan_model(pipelined, example, num_stages, partition=partition)
-    return build_stage(pipelined, plan, stage_index), plan
+    plan = plan_model(pipelined, example, len(placement), partition=partition)
+    return build_stages(pipelined, plan, [s for s, r in enumerate(placement) if r == pp_rank]), plan
 
 
 def tensor_parallel_plan(pipelined: nn.Module, example: tuple[tuple, dict], tp: int) -> Any:
@@ -154,11 +166,12 @@ def apply_tp(pipelined: nn.Module, tp_plan: Any, mesh: Any, chunks: int) -> None
     apply_tensor_parallel(pipelined, mesh["tp"], tp_plan, subtensor_chunks=chunks)
 
 
-def choose_schedule_and_recompute(plan: Any, config: Any, num_microbatches: int) -> tuple[str, list[float]]:
+def choose_schedule_and_recompute(plan: Any, config: Any, pp: int, num_microbatches: int
+                                  ) -> tuple[str, list[float]]:
     """The schedule ("auto": the best simulated one that fits the budget, with its reason logged) and the
     per-stage recompute ratios (Merak's stage-aware formula, or the least that fits ``memory_budget``)."""
     from lightning_merak.pipeline.recompute import resolve_ratios
-    from lightning_merak.pipeline.schedules import MULTI_STAGE_SCHEDULES, make_schedule
+    from lightning_merak.pipeline.schedules import make_schedule
     from lightning_merak.pipeline.simulate import choose_schedule
 
     costs = plan.stage_costs()
@@ -172,15 +185,7 @@ def choose_schedule_and_recompute(plan: Any, config: Any, num_microbatches: int)
                                  candidates=SINGLE_STAGE_SCHEDULES)
         rank_zero_info(f"Merak pipeline_schedule='auto' chose {choice.reason}")
         return choice.name, list(choice.ratios)
-    if config.pipeline_schedule in MULTI_STAGE_SCHEDULES:
-        from lightning_merak.config import MerakConfigError
-
-        raise MerakConfigError(
-            f"pipeline_schedule={config.pipeline_schedule!r} places two stages on each rank; the strategy builds one "
-            f"stage per rank, so use one of {list(SINGLE_STAGE_SCHEDULES)} or 'auto' (the simulator and "
-            "`lightning_merak.pipeline.build_schedule` support it on hand-built stages)."
-        )
-    schedule = make_schedule(config.pipeline_schedule, len(plan.stages), num_microbatches)
+    schedule = make_schedule(config.pipeline_schedule, pp, num_microbatches)
     ratios = resolve_ratios(recompute, schedule, costs, budget, layers_per_stage=layers)
     return config.pipeline_schedule, ratios
 
@@ -196,10 +201,9 @@ class MeasuredChoice:
     memory budget; ``apply`` sets this rank's recompute ratio (the engine rebuilds its schedules).
     """
 
-    def __init__(self, plan: Any, config: Any, num_microbatches: int, stage_module: Any, stage_index: int,
-                 ratios: list[float]) -> None:
+    def __init__(self, plan: Any, config: Any, num_microbatches: int, stages: list[Any], ratios: list[float]) -> None:
         self.plan, self.config, self.num_microbatches = plan, config, num_microbatches
-        self.stage_module, self.stage_index = stage_module, stage_index
+        self.stages = stages  # this rank's StageModules
         self.ratios = list(ratios)
 
     def choose(self, events: list[dict]) -> Any:
@@ -212,21 +216,23 @@ class MeasuredChoice:
                                candidates=SINGLE_STAGE_SCHEDULES)
 
     def apply(self, ratios: list[float]) -> None:
-        """Checkpoint the share ``ratios[stage]`` of this stage's blocks (rounded up to whole blocks)."""
+        """Checkpoint the share ``ratios[stage]`` of each local stage's blocks (rounded up to whole blocks)."""
         self.ratios = list(ratios)
-        owned = len(self.plan.stages[self.stage_index].units)
-        self.stage_module.checkpoint_units(math.ceil(self.ratios[self.stage_index] * owned - 1e-9))
+        for stage in self.stages:
+            owned = len(self.plan.stages[stage.stage_index].units)
+            stage.checkpoint_units(math.ceil(self.ratios[stage.stage_index] * owned - 1e-9))
 
 
-def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any
+def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any, placement: tuple[int, ...]
                           ) -> list[tuple[Any, list, bool]]:
-    """Process groups joining the stages that hold copies of one tied weight (e.g. GPT-2's wte/lm_head), this
-    rank's copies, and whether this rank's copy is the one a global gradient norm counts (the first stage's)."""
+    """Process groups joining the pipeline ranks that hold copies of one tied weight (e.g. GPT-2's wte/lm_head),
+    this rank's copies, and whether this rank's copy is the one a global gradient norm counts (the first
+    stage's). Stages of one tie on the same rank share one parameter there: nothing to join."""
     groups = []
-    my_stage = mesh["pp"].get_local_rank()
+    my_rank = mesh["pp"].get_local_rank()
     for tie in getattr(plan, "tied", []) or []:
-        stages = sorted(tie.stages)
-        if len(stages) < 2:
+        ranks = sorted({placement[s] for s in tie.stages})
+        if len(ranks) < 2:
             continue
         my_group = None
         # one group per (dp, tp) coordinate: the pp ranks of that pipeline holding the tie; every rank
@@ -234,9 +240,9 @@ def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mes
         full = mesh.mesh
         for d in range(full.shape[0]):
             for t in range(full.shape[2]):
-                ranks = [int(full[d, s, t]) for s in stages]
-                g = dist.new_group(ranks)
-                if dist.get_rank() in ranks:
+                members = [int(full[d, r, t]) for r in ranks]
+                g = dist.new_group(members)
+                if dist.get_rank() in members:
                     my_group = g
         if my_group is not None:
             params: dict[int, nn.Parameter] = {}
@@ -247,7 +253,7 @@ def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mes
                 except AttributeError:  # that copy lives on another stage
                     continue
                 params[id(param)] = param
-            groups.append((my_group, list(params.values()), my_stage == stages[0]))
+            groups.append((my_group, list(params.values()), my_rank == placement[min(tie.stages)]))
     return groups
 
 

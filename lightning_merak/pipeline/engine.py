@@ -36,24 +36,30 @@ AUTO_MEASURED_STEP = 1  # "auto" re-chooses from this step's times (step 0 warms
 class PipelineEngine:
     """Everything the strategy delegates to when ``pipeline_parallel_size > 1``."""
 
-    def __init__(self, strategy: Any, lightning_module: Any, pipelined: nn.Module, stage_module: nn.Module,
-                 schedule_name: str, num_microbatches: int, tied_groups: list[Any],
+    def __init__(self, strategy: Any, lightning_module: Any, pipelined: nn.Module, stage_modules: list[nn.Module],
+                 schedule_name: str, num_microbatches: int, tied_groups: list[Any], stage_to_rank: tuple[int, ...],
                  delta: Any = None, recompute_table: Any = None, auto: Any = None) -> None:
         self.strategy = strategy
         self.lightning_module = lightning_module
         self.pipelined = pipelined
-        self.stage_module = stage_module
+        self.stage_modules = stage_modules  # this rank's stages, in stage order (two for interleaved / V)
+        for stage in stage_modules:
+            stage.split_backward = schedule_name == "zbv"
         self.schedule_name = schedule_name
         self.num_microbatches = num_microbatches
         mesh = strategy.device_mesh
         self.pp_group = mesh["pp"].get_group()
         self.pp_size = mesh["pp"].size()
         self.pp_rank = mesh["pp"].get_local_rank()
-        self.is_first = self.pp_rank == 0
-        self.is_last = self.pp_rank == self.pp_size - 1
-        self.last_rank = dist.get_global_rank(self.pp_group, self.pp_size - 1)
+        self.stage_to_rank = stage_to_rank
+        self.num_stages = len(stage_to_rank)
+        last = self.num_stages - 1
+        self.holds_last = any(m.stage_index == last for m in stage_modules)
+        self.last_rank = dist.get_global_rank(self.pp_group, stage_to_rank[last])
         self.device = strategy.root_device
-        self.runner = StageRunner(stage_module, pipelined, lightning_module, self.is_last, delta)
+        self.runners = [StageRunner(m, pipelined, lightning_module, m.stage_index == last, delta)
+                        for m in stage_modules]
+        self.last_runner = next((r for r in self.runners if r.is_last), self.runners[-1])
         self.delta = delta
         self.recompute_table = recompute_table
         self.tied_groups = tied_groups  # [(group, params, counted)] summed across the stages that hold them
@@ -70,19 +76,20 @@ class PipelineEngine:
         self._schedules.clear()
 
     # ------------------------------------------------------------------ training
-    def _schedule_for(self, signature: tuple, recv_metas: tuple, send_metas: tuple) -> Any:
+    def _schedule_for(self, signature: tuple, metas: list[tuple[tuple, tuple]]) -> Any:
         if signature not in self._schedules:
             from lightning_merak.pipeline.runtime import build_schedule
 
-            # activations carry gradients: the receive buffers PipelineStage makes from these must require grad
-            recv_metas = tuple(_example(t) for t in recv_metas)
-            send_metas = tuple(_example(t) for t in send_metas)
-            stage = PipelineStage(self.runner, self.pp_rank, self.pp_size, self.device,
-                                  input_args=recv_metas,
-                                  output_args=send_metas, group=self.pp_group)
+            stages = []
+            for runner, (recv, send) in zip(self.runners, metas, strict=True):
+                # activations carry gradients: the receive buffers PipelineStage makes from these must require grad
+                stages.append(PipelineStage(runner, runner.stage.stage_index, self.num_stages, self.device,
+                                            input_args=tuple(_example(t) for t in recv),
+                                            output_args=tuple(_example(t) for t in send), group=self.pp_group))
             table = self.recompute_table if self.schedule_name == "shifted_critical_path" else None
-            self._schedules[signature] = build_schedule(self.schedule_name, stage, self.num_microbatches,
-                                                        loss_fn=_identity_loss, recompute_table=table,
+            self._schedules[signature] = build_schedule(self.schedule_name, stages if len(stages) > 1 else stages[0],
+                                                        self.num_microbatches, loss_fn=_identity_loss,
+                                                        recompute_table=table,
                                                         record_timeline=self.trace_dir is not None
                                                         or self.auto is not None)
         return self._schedules[signature]
@@ -95,27 +102,31 @@ class PipelineEngine:
                 opt.zero_grad(set_to_none=True)
         step = self.lightning_module.training_step
         micro = split_batch(batch, self.num_microbatches)
-        weights = [1.0 / self.num_microbatches] * self.num_microbatches
-        rng = self.runner.rng = self.strategy.rng_streams
+        rng = self.strategy.rng_streams
+        index_of_batch = 0
         if rng is not None:
             from lightning_merak.pipeline.rng import batch_index
 
-            self.runner.batch_index = batch_index(trainer, batch_idx)
-        # the last stage re-runs the user's step itself: it needs only the first micro-batch's shapes
+            index_of_batch = batch_index(trainer, batch_idx)
+        # a rank holding only the last stage re-runs the user's step itself: it needs only the first micro-batch's
+        # shapes
+        only_last = self.holds_last and len(self.runners) == 1
         inputs = []
-        for j, mb in enumerate(micro[:1] if self.is_last else micro):
+        for j, mb in enumerate(micro[:1] if only_last else micro):
             if rng is not None:  # the user's step before the model call draws as it does in the runner
-                rng.start(self.runner.batch_index, j, self.num_microbatches)
+                rng.start(index_of_batch, j, self.num_microbatches)
             inputs.append(capture_model_call(step, self.pipelined, self.lightning_module, mb, batch_idx, *args))
-        self.runner.inputs, self.runner.weights = inputs, weights
-        self.runner.loss_scale = 1.0 / accumulate
-        self.runner.steps = [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro]
-        self.runner.step_outputs = []
-        recv, send = self.stage_module.boundary_metas(*inputs[0])
-        schedule = self._schedule_for(shape_signature(*inputs[0]), recv, send)
+        for runner in self.runners:
+            runner.inputs, runner.weights = inputs, [1.0 / self.num_microbatches] * self.num_microbatches
+            runner.rng, runner.batch_index = rng, index_of_batch
+            runner.loss_scale = 1.0 / accumulate
+        self.last_runner.steps = [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro]
+        self.last_runner.step_outputs = []
+        metas = [m.boundary_metas(*inputs[0]) for m in self.stage_modules]
+        schedule = self._schedule_for(shape_signature(*inputs[0]), metas)
         index = torch.arange(self.num_microbatches)
         losses: list[torch.Tensor] = []
-        if self.is_last:
+        if self.holds_last:
             schedule.step(mb=index, target=index, losses=losses, return_outputs=False)
         else:
             schedule.step(mb=index)
@@ -180,11 +191,11 @@ class PipelineEngine:
     def _finish_step(self) -> torch.Tensor:
         """Broadcast the batch loss and the logged values from the last stage; replay the logs everywhere."""
         payload = [None]
-        if self.is_last:
-            outputs = self.runner.step_outputs
-            losses = [o["loss"] if isinstance(o, dict) else o for o in outputs]
-            loss = sum(float(v.detach()) * w for v, w in zip(losses, self.runner.weights, strict=True))
-            payload = [(loss, self.runner.recorder.summary(self.lightning_module))]
+        if self.holds_last:
+            runner = self.last_runner
+            losses = [o["loss"] if isinstance(o, dict) else o for o in runner.step_outputs]
+            loss = sum(float(v.detach()) * w for v, w in zip(losses, runner.weights, strict=True))
+            payload = [(loss, runner.recorder.summary(self.lightning_module))]
         dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
         loss, logged = payload[0]
         replay_logs(self.lightning_module, logged)
@@ -202,37 +213,43 @@ class PipelineEngine:
 
     # ------------------------------------------------------------------ evaluation
     def eval_step(self, hook: str, batch: Any, batch_idx: int, *args: Any) -> Any:
-        """Forward-only pipeline of one micro-batch: receive, run, send; the last stage runs the user's hook."""
+        """Forward-only pipeline of one micro-batch through the stages in order: receive, run, send; the rank
+        holding the last stage runs the user's hook."""
         step = getattr(self.lightning_module, hook)
         model_args, model_kwargs = capture_model_call(step, self.pipelined, self.lightning_module, batch, batch_idx,
                                                       *args)
-        recv_metas, _ = self.stage_module.boundary_metas(model_args, model_kwargs)
+        result, outputs = None, ()
         with torch.no_grad():
-            received = []
-            if not self.is_first:
-                src = dist.get_global_rank(self.pp_group, self.pp_rank - 1)
-                for meta in recv_metas:
-                    buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-                    dist.recv(buf, src=src, group=self.pp_group)
-                    received.append(buf)
-            if not self.is_last:
-                outputs = self.stage_module(*received, model_args=model_args, model_kwargs=model_kwargs)
-                dst = dist.get_global_rank(self.pp_group, self.pp_rank + 1)
-                for t in outputs:
-                    dist.send(t.contiguous(), dst=dst, group=self.pp_group)
-                result = None
-            else:
-                def run_stage(*a: Any, **kw: Any) -> Any:
-                    return self.stage_module(*received, model_args=a, model_kwargs=kw)
+            for stage in self.stage_modules:
+                i = stage.stage_index
+                received = outputs  # from this rank's previous stage, or received below
+                if i > 0 and self.stage_to_rank[i - 1] != self.pp_rank:
+                    recv_metas, _ = stage.boundary_metas(model_args, model_kwargs)
+                    received = tuple(self._recv(meta, self.stage_to_rank[i - 1]) for meta in recv_metas)
+                if i < self.num_stages - 1:
+                    outputs = stage(*received, model_args=model_args, model_kwargs=model_kwargs)
+                    if self.stage_to_rank[i + 1] != self.pp_rank:
+                        dst = dist.get_global_rank(self.pp_group, self.stage_to_rank[i + 1])
+                        for t in outputs:
+                            dist.send(t.contiguous(), dst=dst, group=self.pp_group)
+                    continue
+
+                def run_stage(*a: Any, _stage=stage, _received=received, **kw: Any) -> Any:
+                    return _stage(*_received, model_args=a, model_kwargs=kw)
 
                 with redirect_forward(self.pipelined, run_stage), \
-                        self.runner.recorder.recording(self.lightning_module, 1.0):
+                        self.last_runner.recorder.recording(self.lightning_module, 1.0):
                     result = step(batch, batch_idx, *args)
-        payload = [(result, self.runner.recorder.summary(self.lightning_module)) if self.is_last else None]
+        payload = [(result, self.last_runner.recorder.summary(self.lightning_module)) if self.holds_last else None]
         dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
         result, logged = payload[0]
         replay_logs(self.lightning_module, logged)
         return result
+
+    def _recv(self, meta: torch.Tensor, pp_rank: int) -> torch.Tensor:
+        buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+        dist.recv(buf, src=dist.get_global_rank(self.pp_group, pp_rank), group=self.pp_group)
+        return buf
 
 
 def _example(t: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,16 @@ class StageModule(nn.Module):
         self._hooks = [module.get_submodule(name).register_forward_pre_hook(self._pre_hook(u), with_kwargs=True)
                        for u, name in enumerate(plan.units)]
         self._state: dict | None = None
+        self.split_backward = False  # set for schedules that split backward into input and weight gradients
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The parameters of this stage's blocks (``module`` is not a registered submodule, so ``parameters()`` is
+        empty): what torch's split backward (ZB-V's weight step) differentiates."""
+        params: dict[int, nn.Parameter] = {}
+        for u in sorted(self.owned):
+            for p in self.module.get_submodule(self.plan.units[u]).parameters():
+                params.setdefault(id(p), p)
+        return list(params.values())
 
     def checkpoint_units(self, n: int) -> None:
         """Recompute the first ``n`` owned blocks in backward (stage-aware recomputation: earlier stages hold
@@ -140,7 +150,9 @@ class StageModule(nn.Module):
         try:
             out = self.module(*model_args, **model_kwargs)
         except _Stop:
-            return tuple(t.view_as(t) for t in self._state["sent"])
+            # a fresh tensor each (a block argument may also be read later); a split backward (ZB-V's I/W) detaches
+            # the stage outputs in place, which views do not allow: there they are copies
+            return tuple(t.clone() if self.split_backward else t.view_as(t) for t in self._state["sent"])
         finally:
             sent = self._state
             self._state = None

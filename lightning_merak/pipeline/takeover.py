@@ -200,6 +200,15 @@ class StageRunner(nn.Module):
         self.rng: Any = None  # micro-batch RNG streams (MerakStrategy(rng="microbatch")), else None
         self.batch_index = 0
 
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The stage's own parameters, and on the last stage those of the user's step outside the pipelined module
+        (a loss head): torch's split backward (ZB-V's W) computes their gradients from these."""
+        params = self.stage.own_parameters()
+        if self.is_last:
+            inside = {id(p) for p in self._pipelined.parameters()}
+            params += [p for p in self._lightning_module.parameters() if id(p) not in inside]
+        return iter(params)
+
     def forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
         if self.delta is None or not torch.is_grad_enabled():
             return self._forward(*received, mb=mb)

@@ -166,6 +166,31 @@ def test_eval_predict_logging_and_callbacks_pp2(tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "zbv"])
+def test_two_stages_per_rank_equal_one_process(tmp_path, schedule):
+    """Interleaved 1F1B and ZB-V place two stages on each rank (pp=2: four stages). GPT-2 with wte/lm_head tied
+    (across ranks when interleaved, on one rank in the V), recompute and global-norm clipping, and Llama: equal
+    to one process; validate and predict pass through all four stages."""
+    ranks = run_merak(tmp_path / "gpt2", "gpt2_tied", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
+                                                          "num_microbatches": 4, "recompute": 0.5},
+                      trainer={"gradient_clip_val": 0.5, "limit_val_batches": 2}, predict=True, module={"n": 16})
+    assert_matches(ranks, run_reference("gpt2_tied", clip=0.5, module={"n": 16}))
+    assert "into 4 stages (pipeline rank of each stage:" in (tmp_path / "gpt2" / "output.txt").read_text()
+    ref_module = make_module("gpt2_tied", n=16)
+    ref_module.load_state_dict({k: v for rank in ranks for k, v in rank["params"].items()})
+    ref_trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=2)
+    ref_val = ref_trainer.validate(ref_module, verbose=False)[0]
+    ref_pred = torch.cat(ref_trainer.predict(ref_module))
+    for rank in ranks:
+        assert rank["validate"]["val_loss"] == pytest.approx(ref_val["val_loss"], abs=1e-5)
+        torch.testing.assert_close(rank["predictions"], ref_pred, atol=1e-5, rtol=0)
+    llama = run_merak(tmp_path / "llama", "llama", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
+                                                       "num_microbatches": 4, "recompute": "none"})
+    assert_matches(llama, run_reference("llama"))
+
+
+@pytest.mark.multiprocess
 def test_checkpoint_and_early_stopping_pp2(tmp_path):
     ranks = run_merak(tmp_path, "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b",
                                             "num_microbatches": 4, "recompute": "none"}, steps=100,

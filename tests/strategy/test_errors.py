@@ -82,3 +82,8 @@ def test_schedule_micro_batch_rules_checked_at_construction(schedule, pp, m, rul
     with pytest.raises(MerakConfigError, match=rf"pipeline_schedule='{schedule}' cannot run num_microbatches={m}.*{rule}"):
         MerakStrategy(pipeline_parallel_size=pp, num_microbatches=m, pipeline_schedule=schedule)
     MerakStrategy(pipeline_parallel_size=pp, num_microbatches=m, pipeline_schedule="auto")  # auto skips them
+
+
+def test_delta_with_two_stages_per_rank_refused():
+    with pytest.raises(MerakConfigError, match="memory_manager='delta' with pipeline_schedule='zbv' is not supported"):
+        MerakStrategy(pipeline_parallel_size=2, pipeline_schedule="zbv", memory_manager="delta", memory_budget="1GiB")
