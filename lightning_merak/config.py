@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 RNG_MODES = ("torch", "microbatch")
+TWO_STAGES_PER_RANK = ("interleaved_1f1b", "zbv")  # schedules that place two stages on each pipeline rank
 SCHEDULES = ("shifted_critical_path", "1f1b", "gpipe", "interleaved_1f1b", "zbv", "auto")
 RECOMPUTE_MODES = ("stage_aware", "none", "full")
 MEMORY_MANAGERS = ("none", "delta")
@@ -107,7 +108,7 @@ class MerakConfig:
             )
         self.budget_bytes = parse_bytes(self.memory_budget)
         self._check_schedule_rules()
-        if self.memory_manager == "delta" and self.pipeline_schedule in ("interleaved_1f1b", "zbv") \
+        if self.memory_manager == "delta" and self.pipeline_schedule in TWO_STAGES_PER_RANK \
                 and self.pipeline_parallel_size > 1:
             raise MerakConfigError(
                 f"memory_manager='delta' with pipeline_schedule={self.pipeline_schedule!r} is not supported: DELTA "
@@ -130,10 +131,12 @@ class MerakConfig:
             )
         if isinstance(self.partition, (list, tuple)):
             self.partition = list(self.partition)
-            if len(self.partition) != self.pipeline_parallel_size - 1:
+            stages = self.pipeline_parallel_size * (2 if self.pipeline_schedule in TWO_STAGES_PER_RANK else 1)
+            if len(self.partition) != stages - 1:
                 raise MerakConfigError(
                     f"partition lists {len(self.partition)} boundaries but pipeline_parallel_size="
-                    f"{self.pipeline_parallel_size} needs {self.pipeline_parallel_size - 1} (where stages 1.. begin)."
+                    f"{self.pipeline_parallel_size} with pipeline_schedule={self.pipeline_schedule!r} makes {stages} "
+                    f"stages, so it needs {stages - 1} (where stages 1.. begin)."
                 )
 
     def _check_schedule_rules(self) -> None:

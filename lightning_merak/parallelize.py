@@ -144,10 +144,18 @@ def stage_placement(schedule: str, pp: int, num_microbatches: int) -> tuple[int,
 def apply_pipeline(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], pp_rank: int,
                    partition: Any) -> tuple[list[nn.Module], Any]:
     """Plan stages on the proxy graph (same plan on every rank: it is deterministic) and keep this rank's."""
-    from lightning_merak.partition import plan_model
+    from lightning_merak.partition import PartitionError, plan_model
     from lightning_merak.pipeline.stage import build_stages
 
-    plan = plan_model(pipelined, example, len(placement), partition=partition)
+    try:
+        plan = plan_model(pipelined, example, len(placement), partition=partition)
+    except PartitionError as err:
+        if len(placement) == len(set(placement)):
+            raise
+        from lightning_merak.config import MerakConfigError
+
+        raise MerakConfigError(f"this pipeline schedule places two stages on each pipeline rank, so "
+                               f"{type(pipelined).__name__} must be cut into {len(placement)} stages: {err}") from err
     return build_stages(pipelined, plan, [s for s, r in enumerate(placement) if r == pp_rank]), plan
 
 

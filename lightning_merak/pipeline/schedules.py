@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lightning_merak.config import TWO_STAGES_PER_RANK
+
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "shifted_critical_path")
 #: Schedules that place two stages on each rank.
-MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zbv")
+MULTI_STAGE_SCHEDULES = TWO_STAGES_PER_RANK
 COMPUTE_KINDS = ("F", "B", "I", "W")
 
 

@@ -75,15 +75,19 @@ class StageModule(nn.Module):
                        for u, name in enumerate(plan.units)]
         self._state: dict | None = None
         self.split_backward = False  # set for schedules that split backward into input and weight gradients
+        self._own: list[nn.Parameter] | None = None
 
     def own_parameters(self) -> list[nn.Parameter]:
         """The parameters of this stage's blocks (``module`` is not a registered submodule, so ``parameters()`` is
-        empty): what torch's split backward (ZB-V's weight step) differentiates."""
-        params: dict[int, nn.Parameter] = {}
-        for u in sorted(self.owned):
-            for p in self.module.get_submodule(self.plan.units[u]).parameters():
-                params.setdefault(id(p), p)
-        return list(params.values())
+        empty): what torch's split backward (ZB-V's weight step) differentiates. Read at the first step, after
+        tensor parallelism has replaced them with DTensors."""
+        if self._own is None:
+            params: dict[int, nn.Parameter] = {}
+            for u in sorted(self.owned):
+                for p in self.module.get_submodule(self.plan.units[u]).parameters():
+                    params.setdefault(id(p), p)
+            self._own = list(params.values())
+        return self._own
 
     def checkpoint_units(self, n: int) -> None:
         """Recompute the first ``n`` owned blocks in backward (stage-aware recomputation: earlier stages hold

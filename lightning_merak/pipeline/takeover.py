@@ -203,7 +203,7 @@ class StageRunner(nn.Module):
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """The stage's own parameters, and on the last stage those of the user's step outside the pipelined module
         (a loss head): torch's split backward (ZB-V's W) computes their gradients from these."""
-        params = self.stage.own_parameters()
+        params = list(self.stage.own_parameters())
         if self.is_last:
             inside = {id(p) for p in self._pipelined.parameters()}
             params += [p for p in self._lightning_module.parameters() if id(p) not in inside]

@@ -123,8 +123,9 @@ def test_recompute_restores_rng_with_dropout(tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("model", "pp", "runs"), [
-    ("gpt2", 2, [("1f1b", "full"), ("gpipe", "none"), ("shifted_critical_path", 0.75)]),
+    ("gpt2", 2, [("1f1b", "full"), ("gpipe", "none"), ("shifted_critical_path", 0.75), ("zbv", 0.5)]),
     ("llama", 4, [("shifted_critical_path", 0.75), ("gpipe", "none")]),
+    ("llama", 2, [("interleaved_1f1b", "full")]),
 ])
 def test_dropout_with_rng_streams_equals_one_process(tmp_path, model, pp, runs):
     """Dropout on, ``rng="microbatch"``: every schedule x recompute mode gives the losses and parameters of one

@@ -87,3 +87,20 @@ def test_schedule_micro_batch_rules_checked_at_construction(schedule, pp, m, rul
 def test_delta_with_two_stages_per_rank_refused():
     with pytest.raises(MerakConfigError, match="memory_manager='delta' with pipeline_schedule='zbv' is not supported"):
         MerakStrategy(pipeline_parallel_size=2, pipeline_schedule="zbv", memory_manager="delta", memory_budget="1GiB")
+
+
+def test_partition_list_counts_two_stages_per_rank():
+    with pytest.raises(MerakConfigError, match=r"pipeline_schedule='zbv' makes 4 stages, so it needs 3"):
+        MerakStrategy(pipeline_parallel_size=2, pipeline_schedule="zbv", num_microbatches=4, partition=["h.2"])
+    MerakStrategy(pipeline_parallel_size=2, pipeline_schedule="zbv", num_microbatches=4, partition=["h.1", "h.2", "h.3"])
+
+
+def test_too_few_blocks_for_two_stages_per_rank():
+    import torch
+    from torch import nn
+
+    from lightning_merak.parallelize import apply_pipeline
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 4))
+    with pytest.raises(MerakConfigError, match="two stages on each pipeline rank, so Sequential must be cut into 8"):
+        apply_pipeline(model, ((torch.randn(2, 4),), {}), (0, 1, 2, 3, 3, 2, 1, 0), 0, "auto")
