@@ -38,23 +38,27 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
 
 
-def _optimizer_entry(module: torch.nn.Module, optimizer: Any, stage: int = 0) -> dict[str, Any]:
+def _optimizer_entry(module: torch.nn.Module, optimizer: Any, stage: int = 0,
+                     stage_of: dict[int, int] | None = None) -> dict[str, Any]:
     """Optimizer state keyed by parameter name, with per-parameter group membership and position (see module
     docstring). The position (pipeline stage, index in the stage's module order) restores the parameter order
-    of the whole model when the checkpoint is consolidated."""
+    of the whole model when the checkpoint is consolidated. ``stage_of``: id(parameter) -> its stage, where a
+    rank holds several (interleaved, V); other parameters count as ``stage``."""
     opt = _unwrap(optimizer)
     sd = get_optimizer_state_dict(module, opt)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     group_of = {name: i for i, g in enumerate(sd["param_groups"]) for name in g["params"]}
-    module_order = {name: i for i, (name, _) in enumerate(module.named_parameters())}
-    position = {name: [stage, module_order.get(name, -1)] for name in group_of}
+    named = list(module.named_parameters())
+    module_order = {name: i for i, (name, _) in enumerate(named)}
+    stages = {name: (stage_of or {}).get(id(p), stage) for name, p in named}
+    position = {name: [stages.get(name, stage), module_order.get(name, -1)] for name in group_of}
     return {"state": sd["state"], "group_of": group_of, "groups": groups, "position": position}
 
 
 
 
 def save_sharded(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module, optimizers: list[Any],
-                 is_rank_zero: bool, stage: int = 0) -> None:
+                 is_rank_zero: bool, stage: int = 0, stage_of: dict[int, int] | None = None) -> None:
     """Write ``checkpoint`` (Lightning's dict) as a DCP folder; weights and optimizer state come from the live
     module and optimizers so each rank contributes exactly what it holds."""
     if path.is_file():
@@ -65,7 +69,7 @@ def save_sharded(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module
     checkpoint.pop("optimizer_states", None)
     state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}
     for i, opt in enumerate(optimizers):
-        state[f"optimizer_{i}"] = _optimizer_entry(module, opt, stage)
+        state[f"optimizer_{i}"] = _optimizer_entry(module, opt, stage, stage_of)
     dcp.save(state, checkpoint_id=path, no_dist=not _distributed_is_initialized())
     if is_rank_zero:
         torch.save(checkpoint, path / META_FILE)

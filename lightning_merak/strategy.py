@@ -414,7 +414,8 @@ class MerakStrategy(ParallelStrategy):
         path = Path(self.broadcast(str(filepath)))
         assert self.lightning_module is not None
         ckpt.save_sharded(path, checkpoint, self.lightning_module, self.optimizers, self.is_global_zero,
-                          stage=topology.local_rank(self._device_mesh, "pp"))
+                          stage=topology.local_rank(self._device_mesh, "pp"),
+                          stage_of=self._engine.stage_of_parameters() if self._engine is not None else None)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))

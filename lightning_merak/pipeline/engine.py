@@ -201,6 +201,10 @@ class PipelineEngine:
         replay_logs(self.lightning_module, logged)
         return torch.tensor(loss, device=self.device)
 
+    def stage_of_parameters(self) -> dict[int, int]:
+        """id(parameter) -> the stage holding it (this rank holds two under interleaved / V schedules)."""
+        return {id(p): m.stage_index for m in self.stage_modules for p in m.own_parameters()}
+
     def tied_copies(self) -> set[int]:
         """Ids of this rank's tied-weight copies that another stage's copy already stands for in a norm."""
         return {id(p) for _, params, counted in self.tied_groups if not counted for p in params}

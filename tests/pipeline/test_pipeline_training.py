@@ -192,6 +192,25 @@ def test_two_stages_per_rank_equal_one_process(tmp_path, schedule):
 
 
 @pytest.mark.multiprocess
+def test_two_stages_per_rank_checkpoint_consolidates_in_model_order(tmp_path):
+    """Interleaved: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3. The consolidated checkpoint lists the
+    optimizer state in one process's parameter order (stage 0, 1, 2, 3), so a plain Lightning resume pairs
+    each momentum buffer with its own weight (identical blocks would otherwise swap silently)."""
+    import subprocess
+    import sys
+
+    run_merak(tmp_path, "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "interleaved_1f1b",
+                                    "num_microbatches": 4, "recompute": "none"}, steps=2, module={"momentum": 0.9},
+              callbacks={"ModelCheckpoint": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}})
+    merged = tmp_path / "merged.ckpt"
+    subprocess.run([sys.executable, "-m", "lightning_merak.cli", "consolidate", str(tmp_path / "ckpt" / "last.ckpt"),
+                    str(merged)], check=True, cwd=REPO, timeout=120)
+    plain = torch.load(merged, weights_only=False)
+    assert plain["merak_param_order"] == [n for n, _ in make_module("gpt2").named_parameters()]
+    assert len(plain["optimizer_states"][0]["state"]) == len(plain["merak_param_order"])
+
+
+@pytest.mark.multiprocess
 def test_checkpoint_and_early_stopping_pp2(tmp_path):
     ranks = run_merak(tmp_path, "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b",
                                             "num_microbatches": 4, "recompute": "none"}, steps=100,
