@@ -70,8 +70,7 @@ def assert_matches(ranks: list[dict], ref: dict, atol: float = ATOL) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("model", "pp", "schedule"), [
-    ("gpt2", 2, "1f1b"),
-    ("gpt2", 4, "gpipe"),
+    ("gpt2", 4, "gpipe"),  # GPT-2 at pp=2 with 1f1b: test_tied_embeddings_..., test_variable_sequence_length
     ("llama", 4, "1f1b"),
     ("bert", 2, "gpipe"),
     ("vit", 2, "1f1b"),
@@ -124,8 +123,8 @@ def test_recompute_restores_rng_with_dropout(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("model", "pp", "runs"), [
     ("gpt2", 2, [("1f1b", "full"), ("gpipe", "none"), ("shifted_critical_path", 0.75), ("zbv", 0.5)]),
-    ("llama", 4, [("shifted_critical_path", 0.75), ("gpipe", "none")]),
-    ("llama", 2, [("interleaved_1f1b", "full")]),
+    ("llama", 4, [("shifted_critical_path", 0.75)]),
+    ("llama", 2, [("interleaved_1f1b", "full"), ("zbv", "none")]),
 ])
 def test_dropout_with_rng_streams_equals_one_process(tmp_path, model, pp, runs):
     """Dropout on, ``rng="microbatch"``: every schedule x recompute mode gives the losses and parameters of one
@@ -186,9 +185,10 @@ def test_two_stages_per_rank_equal_one_process(tmp_path, schedule):
     for rank in ranks:
         assert rank["validate"]["val_loss"] == pytest.approx(ref_val["val_loss"], abs=1e-5)
         torch.testing.assert_close(rank["predictions"], ref_pred, atol=1e-5, rtol=0)
-    llama = run_merak(tmp_path / "llama", "llama", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
-                                                       "num_microbatches": 4, "recompute": "none"})
-    assert_matches(llama, run_reference("llama"))
+    if schedule == "interleaved_1f1b":  # (Llama under zbv: test_dropout_with_rng_streams_equals_one_process)
+        llama = run_merak(tmp_path / "llama", "llama", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
+                                                           "num_microbatches": 4, "recompute": "none"})
+        assert_matches(llama, run_reference("llama"))
 
 
 @pytest.mark.multiprocess
