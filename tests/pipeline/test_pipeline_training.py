@@ -89,11 +89,11 @@ def test_pipeline_equals_one_process(tmp_path, model, pp, schedule):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("model", "pp", "runs"), [
     ("gpt2", 2, [("gpipe", 0.5), ("shifted_critical_path", "none")]),
-    ("llama", 4, [("1f1b", "full")]),
 ])
 def test_schedules_and_recompute_equal_one_process(tmp_path, model, pp, runs):
-    """Schedules x recompute modes, dropout off: equal to one process with the whole batch (pp=2 GPT-2, pp=4
-    Llama). The other combinations run with dropout on in ``test_dropout_with_rng_streams_equals_one_process``."""
+    """Schedules x recompute modes, dropout off: equal to one process with the whole batch. The other
+    combinations run with dropout on in ``test_dropout_with_rng_streams_equals_one_process``; recomputation
+    replaying torch's own RNG exactly is tested on hand-built stages in ``test_runtime.py``."""
     ref = run_reference(model)
     for i, (schedule, recompute) in enumerate(runs):
         ranks = run_merak(tmp_path / f"run{i}", model, pp, {"pipeline_parallel_size": pp,
@@ -103,26 +103,8 @@ def test_schedules_and_recompute_equal_one_process(tmp_path, model, pp, runs):
 
 
 @pytest.mark.multiprocess
-def test_recompute_restores_rng_with_dropout(tmp_path):
-    """Dropout on, torch's own RNG: recomputed forwards replay the same masks, so recomputation (checkpointing
-    and Merak's pre-checkpointed forwards) gives the run without it exactly."""
-    module = {"dropout": 0.2}
-    runs = [("1f1b", "none"), ("shifted_critical_path", 0.75)]
-    results = []
-    for i, (schedule, recompute) in enumerate(runs):
-        results.append(run_merak(tmp_path / f"run{i}", "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
-                                                  "num_microbatches": 4, "recompute": recompute}, module=module))
-    base = results[0]
-    for other in results[1:]:
-        for r in range(2):
-            assert other[r]["losses"] == base[r]["losses"]
-            for key, value in base[r]["params"].items():
-                torch.testing.assert_close(other[r]["params"][key], value, atol=1e-6, rtol=0, msg=key)
-
-
-@pytest.mark.multiprocess
 @pytest.mark.parametrize(("model", "pp", "runs"), [
-    ("gpt2", 2, [("1f1b", "full"), ("gpipe", "none"), ("shifted_critical_path", 0.75), ("zbv", 0.5)]),
+    ("gpt2", 2, [("1f1b", "full"), ("shifted_critical_path", 0.75), ("zbv", 0.5)]),
     ("llama", 4, [("shifted_critical_path", 0.75)]),
     ("llama", 2, [("interleaved_1f1b", "full"), ("zbv", "none")]),
 ])
