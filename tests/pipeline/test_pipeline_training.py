@@ -106,7 +106,7 @@ def test_schedules_and_recompute_equal_one_process(tmp_path, model, pp, runs):
 @pytest.mark.parametrize(("model", "pp", "runs"), [
     ("gpt2", 2, [("1f1b", "full"), ("shifted_critical_path", 0.75), ("zbv", 0.5)]),
     ("llama", 4, [("shifted_critical_path", 0.75)]),
-    ("llama", 2, [("interleaved_1f1b", "full"), ("zbv", "none")]),
+    ("llama", 2, [("interleaved_1f1b", "full"), ("zbv", "none"), ("gpipe", 0.5)]),
 ])
 def test_dropout_with_rng_streams_equals_one_process(tmp_path, model, pp, runs):
     """Dropout on, ``rng="microbatch"``: every schedule x recompute mode gives the losses and parameters of one
