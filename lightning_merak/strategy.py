@@ -254,7 +254,7 @@ class MerakStrategy(ParallelStrategy):
         _, pipelined = find_pipelined_module(self.lightning_module, self.config.pipeline_module)
         mesh = self._device_mesh
         return MicrobatchRNG(self.lightning_module, seed[0], self.root_device, skip=[pipelined],
-                             data_parallel=(topology.size(mesh, "dp"), mesh["dp"].get_local_rank() if mesh else 0))
+                             data_parallel=(topology.size(mesh, "dp"), topology.local_rank(mesh, "dp")))
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         self._reset_optimizers_and_schedulers()  # re-entering setup (validate after fit) rebuilds them
@@ -428,13 +428,12 @@ class MerakStrategy(ParallelStrategy):
 
     def _first_of_stage(self) -> bool:
         """The rank that speaks for its pipeline stage: data- and tensor-parallel coordinate 0."""
-        mesh = self._device_mesh
-        return mesh is None or (mesh["dp"].get_local_rank() == 0 and mesh["tp"].get_local_rank() == 0)
+        return topology.local_rank(self._device_mesh, "dp") == 0 and topology.local_rank(self._device_mesh, "tp") == 0
 
     # ----------------------------------------------------------------------------------------- teardown
     def teardown(self) -> None:
         if self._delta is not None and self._first_of_stage():
-            stage = f", pipeline stage {self._device_mesh['pp'].get_local_rank()}" if self._engine is not None else ""
+            stage = f", pipeline stage {topology.local_rank(self._device_mesh, 'pp')}" if self._engine is not None else ""
             print(f"DELTA memory ledger (rank {self.global_rank}{stage}):\n{self._delta.ledger.summary_table()}",
                   flush=True)
         if self._engine is not None:

@@ -199,15 +199,17 @@ class StageRunner(nn.Module):
         self.step_outputs: list[Any] = []
         self.rng: Any = None  # micro-batch RNG streams (MerakStrategy(rng="microbatch")), else None
         self.batch_index = 0
+        self._params: list[nn.Parameter] | None = None
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """The stage's own parameters, and on the last stage those of the user's step outside the pipelined module
         (a loss head): torch's split backward (ZB-V's W) computes their gradients from these."""
-        params = list(self.stage.own_parameters())
-        if self.is_last:
-            inside = {id(p) for p in self._pipelined.parameters()}
-            params += [p for p in self._lightning_module.parameters() if id(p) not in inside]
-        return iter(params)
+        if self._params is None:  # called per weight step: listed once, at the first step (after TP)
+            self._params = list(self.stage.own_parameters())
+            if self.is_last:
+                inside = {id(p) for p in self._pipelined.parameters()}
+                self._params += [p for p in self._lightning_module.parameters() if id(p) not in inside]
+        return iter(self._params)
 
     def forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
         if self.delta is None or not torch.is_grad_enabled():
