@@ -32,8 +32,8 @@ def simulated() -> tuple[dict[str, float], float, list[float]]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lightning_merak.partition import plan_model
-    from lightning_merak.pipeline import make_schedule, resolve_ratios, simulate
-    from lightning_merak.pipeline.simulate import with_ratios
+    from lightning_merak.pipeline.plan import make_schedule, resolve_ratios, simulate
+    from lightning_merak.pipeline.plan.simulate import with_ratios
 
     config = GPT2Config(n_layer=MODEL["n_layer"], n_embd=MODEL["n_embd"], n_head=MODEL["n_head"],
                         vocab_size=MODEL["vocab_size"], n_positions=MODEL["seq_len"], tie_word_embeddings=False)

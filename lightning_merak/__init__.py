@@ -8,9 +8,13 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
+    """Register every name of the autoload module's one list (it must stay importable without torch)."""
     from lightning.pytorch.strategies import StrategyRegistry
 
-    MerakStrategy.register_strategies(StrategyRegistry)
+    from lightning_merak_autoload import STRATEGY_NAMES
+
+    for name, (init_params, description) in STRATEGY_NAMES.items():
+        StrategyRegistry.register(name, MerakStrategy, description=description, override=True, **init_params)
 
 
 _register()

@@ -43,7 +43,7 @@ from lightning.fabric.utilities.distributed import (  # noqa: E402
     _init_dist_connection,
     _sync_ddp_if_available,
 )
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher  # noqa: E402
+from lightning.fabric.utilities.optimizer import _optimizers_to_device  # noqa: E402
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
 from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402
@@ -71,6 +71,21 @@ def dataloader_for(trainer) -> object:
     return loop._data_source.dataloader()
 
 
+def reset_optimizers(strategy) -> None:
+    """Forget the optimizers and schedulers of an earlier setup (Lightning's Strategy keeps this private)."""
+    strategy._reset_optimizers_and_schedulers()
+
+
+def install_clip_grad_by_norm(precision, clip) -> None:
+    """Route Lightning's ``gradient_clip_val`` (norm) through ``clip(optimizer, clip_val)``. Lightning has no hook
+    for the norm's reduction across model shards, so the precision plugin's method is replaced on the instance;
+    once per plugin."""
+    if getattr(precision, "_merak_clipping", False):
+        return
+    precision.clip_grad_by_norm = clip
+    precision._merak_clipping = True
+
+
 def skip_lightning_backward(trainer) -> None:
     """Lightning's automatic optimisation must not run backward or zero_grad: the pipeline schedule did both
     (the loop's flag is private; StochasticWeightAveraging uses it the same way)."""
@@ -94,13 +109,15 @@ __all__ = [
     "dcp_load_everything",
     "dataloader_for",
     "skip_lightning_backward",
+    "reset_optimizers",
+    "install_clip_grad_by_norm",
     "metric_state",
     "load_metric_state",
     "_distributed_is_initialized",
     "_get_default_process_group_backend_for_device",
     "_init_dist_connection",
     "_sync_ddp_if_available",
-    "_MultiProcessingLauncher",
+    "_optimizers_to_device",
     "_SubprocessScriptLauncher",
     "TrainerFn",
     "tree_flatten",
@@ -147,3 +164,43 @@ def hook_free_memo(module: torch.nn.Module) -> dict[int, object]:
 
 
 __all__ += ["hook_free_memo"]
+
+# --- module state surgery -----------------------------------------------------------------------------
+# A pipeline stage keeps blocks of other stages as structure only. nn.Module has no public way to turn a
+# registered parameter or buffer into a plain attribute, so its private stores are edited here.
+
+
+def strip_module_state(unit: torch.nn.Module) -> None:
+    """Make a block of another stage hold no state: parameters and buffers become plain meta tensors, so they
+    leave parameters()/state_dict() while code that reads e.g. ``block.weight.dtype`` still works."""
+    for sub in unit.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, t in list(store.items()):
+                del store[name]
+                if t is not None:
+                    object.__setattr__(sub, name, t.detach().to("meta"))
+
+
+def parameter_slots(module: torch.nn.Module) -> dict:
+    """A module's own registered parameters by attribute name (nn.Module's private store; None slots too)."""
+    return module._parameters
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (tensor parallel), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def version_counter(t: torch.Tensor) -> int:
+    """Autograd's in-place version counter (private): a saved or swapped tensor modified in place since."""
+    return t._version
+
+
+def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
+    """The torch optimizer inside Lightning's ``LightningOptimizer`` wrapper (kept in a private attribute)."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+__all__ += ["strip_module_state", "parameter_slots", "local_shard", "version_counter", "unwrap_optimizer"]

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Union
+
+from lightning_merak.pipeline.plan.schedules import SCHEDULE_OPTIONS, ScheduleError, make_schedule, spec
 
 RNG_MODES = ("torch", "microbatch")
-TWO_STAGES_PER_RANK = ("interleaved_1f1b", "zbv")  # schedules that place two stages on each pipeline rank
-SCHEDULES = ("shifted_critical_path", "1f1b", "gpipe", "interleaved_1f1b", "zbv", "auto")
 RECOMPUTE_MODES = ("stage_aware", "none", "full")
 MEMORY_MANAGERS = ("none", "delta")
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
-
-ScheduleName = Literal["shifted_critical_path", "1f1b", "gpipe", "interleaved_1f1b", "zbv", "auto"]
-RecomputeOption = Union[Literal["stage_aware", "none", "full"], float]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -84,9 +80,9 @@ class MerakConfig:
         _check_size("subtensor_chunks", self.subtensor_chunks)
         if self.num_microbatches is not None:
             _check_size("num_microbatches", self.num_microbatches)
-        if self.pipeline_schedule not in SCHEDULES:
+        if self.pipeline_schedule not in SCHEDULE_OPTIONS:
             raise MerakConfigError(
-                f"pipeline_schedule={self.pipeline_schedule!r} is unknown; choose one of {list(SCHEDULES)}."
+                f"pipeline_schedule={self.pipeline_schedule!r} is unknown; choose one of {list(SCHEDULE_OPTIONS)}."
             )
         if isinstance(self.recompute, bool) or (
             not isinstance(self.recompute, (int, float)) and self.recompute not in RECOMPUTE_MODES
@@ -108,8 +104,7 @@ class MerakConfig:
             )
         self.budget_bytes = parse_bytes(self.memory_budget)
         self._check_schedule_rules()
-        if self.memory_manager == "delta" and self.pipeline_schedule in TWO_STAGES_PER_RANK \
-                and self.pipeline_parallel_size > 1:
+        if self.memory_manager == "delta" and self.stages_per_rank > 1 and self.pipeline_parallel_size > 1:
             raise MerakConfigError(
                 f"memory_manager='delta' with pipeline_schedule={self.pipeline_schedule!r} is not supported: DELTA "
                 "manages one stage per rank, these schedules place two. Use 'shifted_critical_path', '1f1b', "
@@ -131,7 +126,7 @@ class MerakConfig:
             )
         if isinstance(self.partition, (list, tuple)):
             self.partition = list(self.partition)
-            stages = self.pipeline_parallel_size * (2 if self.pipeline_schedule in TWO_STAGES_PER_RANK else 1)
+            stages = self.pipeline_parallel_size * self.stages_per_rank
             if len(self.partition) != stages - 1:
                 raise MerakConfigError(
                     f"partition lists {len(self.partition)} boundaries but pipeline_parallel_size="
@@ -144,8 +139,6 @@ class MerakConfig:
         pp = self.pipeline_parallel_size
         if pp == 1 or self.pipeline_schedule == "auto":
             return
-        from lightning_merak.pipeline.schedules import ScheduleError, make_schedule
-
         try:
             make_schedule(self.pipeline_schedule, pp, self.microbatches(pp))
         except ScheduleError as err:
@@ -153,6 +146,11 @@ class MerakConfig:
                 f"pipeline_schedule={self.pipeline_schedule!r} cannot run num_microbatches={self.microbatches(pp)} on "
                 f"pipeline_parallel_size={pp}: {err} (pipeline_schedule='auto' picks a schedule that can.)"
             ) from None
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages on each pipeline rank: two for interleaved and V placements ("auto" places one)."""
+        return 1 if self.pipeline_schedule == "auto" else spec(self.pipeline_schedule).stages_per_rank
 
     def resolve_world(self, world_size: int) -> tuple[int, int, int]:
         """Return (dp, pp, tp) for ``world_size`` processes, or raise naming the mismatch."""

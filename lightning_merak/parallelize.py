@@ -1,13 +1,25 @@
-"""Compose the parallelisms for this rank, in order (torchtitan style): find the pipelined module, take
-example inputs from the first batch, cut it into stages (pipeline), shard layers (tensor parallel), wrap
-recomputation (stage-aware), attach the memory manager (DELTA). One function per step; the order is here.
+"""The build recipe: this rank's piece of the model and the engine that runs it, top to bottom.
+
+``build_engine`` reads in order (torchtitan style, one function per step, each gated once):
+
+1. find the pipelined module;
+2. example inputs: the pipelined module's arguments for one micro-batch of the first batch;
+3. tensor-parallel plan, detected on the whole module (which layer feeds which needs the whole flow);
+4. cut: plan the stages on the proxy graph and prune this rank's copy to its stages;
+5. apply TP to what the cut left (only local weights are sharded);
+6. schedule and recompute: ``AutoSchedule`` decides, the stages checkpoint their share;
+7. memory manager (DELTA) over what is left;
+8. RNG streams;
+9. the engine: ``PipelineEngine`` for pp > 1, ``LocalEngine`` otherwise.
+
+Inputs are explicit (module, first batch, config, mesh, device); nothing here holds the strategy or the Trainer.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import random
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,15 +27,48 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from lightning_merak._compat import BATCH_NORM_TYPES, TrainerFn, dataloader_for
+from lightning_merak import topology
+from lightning_merak._compat import BATCH_NORM_TYPES
+from lightning_merak.config import MerakConfig, MerakConfigError
 from lightning_merak.pipeline.takeover import PipelineInputError, capture_model_call, split_batch
 
 log = logging.getLogger(__name__)
 
-STEP_FOR = {TrainerFn.FITTING: "training_step", TrainerFn.VALIDATING: "validation_step",
-            TrainerFn.TESTING: "test_step", TrainerFn.PREDICTING: "predict_step"}
+DEFAULT_BUDGET_SHARE = 0.75  # the rest: optimizer state, temporaries, allocator fragmentation
 
 
+def build_engine(lightning_module: Any, batch: Any, step_name: str, config: MerakConfig, mesh: Any,
+                 device: torch.device) -> Any:
+    """Everything that makes this rank's piece of the model, in order; returns the engine for its steps.
+
+    ``batch`` is the first batch of the running loop, already on ``device``; ``step_name`` the hook it feeds
+    (``training_step``, ``validation_step``, ...).
+    """
+    pp, tp = topology.size(mesh, "pp"), topology.size(mesh, "tp")
+    path, pipelined = find_pipelined_module(lightning_module, config.pipeline_module)
+    num_microbatches = config.microbatches(pp)
+    example = example_inputs(lightning_module, pipelined, batch, step_name, num_microbatches)
+    warn_batch_coupled(pipelined, pp)
+    tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None
+    cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh) if pp > 1 else None
+    if tp_plan is not None:
+        apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
+    auto = choose_schedule(cut, config, pp, num_microbatches) if cut is not None else None
+    delta = apply_memory_manager(pipelined, config) if config.memory_manager == "delta" else None
+    rng = microbatch_rng(lightning_module, pipelined, mesh, device) if config.rng == "microbatch" else None
+    if cut is None:
+        from lightning_merak.pipeline.engine import LocalEngine
+
+        return LocalEngine(lightning_module, delta=delta, rng=rng)
+    from lightning_merak.pipeline.engine import PipelineEngine
+
+    return PipelineEngine(lightning_module, pipelined, cut.stages, pp_group=topology.group(mesh, "pp"),
+                          device=device, num_microbatches=num_microbatches, stage_to_rank=cut.placement, auto=auto,
+                          schedule_name=auto.decision.name, tied_groups=cut.tied, delta=delta, rng=rng,
+                          pre_checkpoint=config.recompute != "none", trace_dir=config.trace_dir)
+
+
+# ---------------------------------------------------------------------------------------------- 1, 2
 def find_pipelined_module(lightning_module: nn.Module, path: str) -> tuple[str, nn.Module]:
     """The submodule to pipeline: ``path`` if given, else the direct child holding most parameters."""
     if path != "auto":
@@ -39,126 +84,29 @@ def find_pipelined_module(lightning_module: nn.Module, path: str) -> tuple[str, 
     return max(children, key=lambda nc: sum(p.numel() for p in nc[1].parameters()))
 
 
-def example_inputs(strategy: Any, trainer: Any, pipelined: nn.Module, num_microbatches: int) -> tuple[tuple, dict]:
-    """The pipelined module's arguments for one micro-batch of the first batch of the running loop.
-
-    The RNG state is restored afterwards, so drawing this batch does not shift the run's randomness.
-    """
-    lightning_module = strategy.lightning_module
-    states = (torch.get_rng_state(), random.getstate())
-    try:
-        loaders = dataloader_for(trainer)
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        if isinstance(loader, dict):
-            loader = next(iter(loader.values()))
-        batch = next(iter(loader))
-    finally:
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-    batch = strategy.batch_to_device(batch)
-    micro = split_batch(batch, num_microbatches)[0] if STEP_FOR[trainer.state.fn] == "training_step" else batch
-    step = getattr(lightning_module, STEP_FOR[trainer.state.fn])
-    return capture_model_call(step, pipelined, lightning_module, micro, 0)
+def example_inputs(lightning_module: Any, pipelined: nn.Module, batch: Any, step_name: str,
+                   num_microbatches: int) -> tuple[tuple, dict]:
+    """The pipelined module's arguments for one micro-batch of ``batch`` (the whole batch when nothing is split:
+    one micro-batch, or an evaluation step)."""
+    micro = batch
+    if step_name == "training_step" and num_microbatches > 1:
+        micro = split_batch(batch, num_microbatches)[0]
+    return capture_model_call(getattr(lightning_module, step_name), pipelined, lightning_module, micro, 0)
 
 
-def build_engine(strategy: Any, trainer: Any) -> tuple[Any, Any]:
-    """Everything that makes this rank's piece of the model, in order. Returns the pipeline engine the strategy
-    delegates steps to (None without a pipeline) and the DELTA memory manager (None without one)."""
-    config = strategy.config
-    dp, pp, tp = strategy.sizes
-    mesh = strategy.device_mesh
-    lightning_module = strategy.lightning_module
-    path, pipelined = find_pipelined_module(lightning_module, config.pipeline_module)
-    num_microbatches = config.microbatches(pp)
-    example = example_inputs(strategy, trainer, pipelined, num_microbatches)
-    warn_batch_coupled(pipelined, pp)
-
-    stages, plan, tied, placement = [], None, [], ()
-    tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None  # on the whole module
-    if pp > 1:
-        placement = stage_placement(config.pipeline_schedule, pp, num_microbatches)
-        stages, plan = apply_pipeline(pipelined, example, placement, mesh["pp"].get_local_rank(), config.partition)
-        tied = tied_parameter_groups(lightning_module, path, plan, mesh, placement)
-    if tp_plan is not None:
-        apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
-    schedule_name, ratios, auto = config.pipeline_schedule, None, None
-    if pp > 1:
-        schedule_name, ratios = choose_schedule_and_recompute(plan, config, pp, num_microbatches)
-        auto = MeasuredChoice(plan, config, num_microbatches, stages, ratios)
-        auto.apply(ratios)
-        auto = auto if config.pipeline_schedule == "auto" else None
-    delta = apply_memory_manager(pipelined, config) if config.memory_manager == "delta" else None
-    if plan is not None:
-        where = "" if len(placement) == pp else f" (pipeline rank of each stage: {list(placement)})"
-        rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {len(placement)} stages"
-                       f"{where}:\n{plan.table()}\nschedule {schedule_name}, {num_microbatches} micro-batches, "
-                       f"recompute ratio per stage {[round(r, 3) for r in ratios]}")
-    engine = None
-    if pp > 1:
-        from lightning_merak.pipeline.engine import PipelineEngine
-
-        # Merak's pre-checkpointed cool-down forwards are recomputation too: none of it with recompute="none"
-        table = () if config.recompute == "none" else None
-        engine = PipelineEngine(strategy, lightning_module, pipelined, stages, schedule_name, num_microbatches,
-                                tied, placement, delta, recompute_table=table, auto=auto)
-    return engine, delta
+def warn_batch_coupled(pipelined: nn.Module, pp: int) -> None:
+    """A pipeline shows modules micro-batches, not the batch: warn once for layers that couple samples."""
+    if pp <= 1:
+        return
+    for name, module in pipelined.named_modules():
+        if isinstance(module, BATCH_NORM_TYPES) and module.training:
+            rank_zero_info(f"Merak: `{name}` ({type(module).__name__}) normalises over a batch; under the pipeline it "
+                           "sees micro-batches, so results equal gradient accumulation over micro-batches, not one "
+                           "full-batch step (see README, batch-coupled computations).")
+            return
 
 
-def apply_memory_manager(pipelined: nn.Module, config: Any) -> Any:
-    """DELTA over this rank's part of the module (after pruning: only owned blocks become segments)."""
-    from lightning_merak.memory import DeltaScheduler
-
-    budget = config.budget_bytes
-    if budget is None:  # e.g. strategy="merak_delta": fit the device, unsupervised
-        device = next((p.device for p in pipelined.parameters()), torch.device("cpu"))
-        budget = int(DEFAULT_BUDGET_SHARE * device_memory(device))
-        log.warning(f"Merak: memory_budget not set; DELTA keeps parameters, gradients and saved activations within "
-                    f"{DEFAULT_BUDGET_SHARE:.0%} of this device's memory ({budget / 2**30:.2f} GiB). Set "
-                    "memory_budget to choose.")
-    return DeltaScheduler(pipelined, budget)
-
-
-DEFAULT_BUDGET_SHARE = 0.75  # the rest: optimizer state, temporaries, allocator fragmentation
-
-
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory one process may use: a GPU's total, or the host's RAM shared by the local processes."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    import os
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local, 1)
-
-
-def stage_placement(schedule: str, pp: int, num_microbatches: int) -> tuple[int, ...]:
-    """The pipeline rank of each stage: one stage per rank, or two (interleaved: 0..p−1, 0..p−1; V: 0..p−1,
-    p−1..0) for the schedules that place two."""
-    from lightning_merak.pipeline.schedules import MULTI_STAGE_SCHEDULES, make_schedule
-
-    if schedule in MULTI_STAGE_SCHEDULES:
-        return tuple(make_schedule(schedule, pp, num_microbatches).stage_to_rank)
-    return tuple(range(pp))
-
-
-def apply_pipeline(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], pp_rank: int,
-                   partition: Any) -> tuple[list[nn.Module], Any]:
-    """Plan stages on the proxy graph (same plan on every rank: it is deterministic) and keep this rank's."""
-    from lightning_merak.partition import PartitionError, plan_model
-    from lightning_merak.pipeline.stage import build_stages
-
-    try:
-        plan = plan_model(pipelined, example, len(placement), partition=partition)
-    except PartitionError as err:
-        if len(placement) == len(set(placement)):
-            raise
-        from lightning_merak.config import MerakConfigError
-
-        raise MerakConfigError(f"this pipeline schedule places two stages on each pipeline rank, so "
-                               f"{type(pipelined).__name__} must be cut into {len(placement)} stages: {err}") from err
-    return build_stages(pipelined, plan, [s for s, r in enumerate(placement) if r == pp_rank]), plan
-
-
+# ---------------------------------------------------------------------------------------------- 3, 5
 def tensor_parallel_plan(pipelined: nn.Module, example: tuple[tuple, dict], tp: int) -> Any:
     """Which module gets which TP style, detected on the whole module before any stage is cut out of it."""
     from lightning_merak.tensor_parallel import tp_plan_for
@@ -174,61 +122,42 @@ def apply_tp(pipelined: nn.Module, tp_plan: Any, mesh: Any, chunks: int) -> None
     apply_tensor_parallel(pipelined, mesh["tp"], tp_plan, subtensor_chunks=chunks)
 
 
-def choose_schedule_and_recompute(plan: Any, config: Any, pp: int, num_microbatches: int
-                                  ) -> tuple[str, list[float]]:
-    """The schedule ("auto": the best simulated one that fits the budget, with its reason logged) and the
-    per-stage recompute ratios (Merak's stage-aware formula, or the least that fits ``memory_budget``)."""
-    from lightning_merak.pipeline.recompute import resolve_ratios
-    from lightning_merak.pipeline.schedules import make_schedule
-    from lightning_merak.pipeline.simulate import choose_schedule
+# ---------------------------------------------------------------------------------------------- 4
+@dataclass
+class PipelineCut:
+    """The partition and what this rank keeps of it."""
 
-    costs = plan.stage_costs()
-    layers = max(len(s.units) for s in plan.stages)
-    # With DELTA, the memory manager decides per block (keep, swap or recompute) against each stage's budget,
-    # counting the micro-batches the schedule keeps in flight; checkpointing on top would recompute twice.
-    recompute = "none" if config.memory_manager == "delta" else config.recompute
-    budget = None if config.memory_manager == "delta" else config.budget_bytes
-    if config.pipeline_schedule == "auto":
-        choice = choose_schedule(costs, num_microbatches, memory_budget=budget, recompute=recompute,
-                                 candidates=SINGLE_STAGE_SCHEDULES)
-        rank_zero_info(f"Merak pipeline_schedule='auto' chose {choice.reason}")
-        return choice.name, list(choice.ratios)
-    schedule = make_schedule(config.pipeline_schedule, pp, num_microbatches)
-    ratios = resolve_ratios(recompute, schedule, costs, budget, layers_per_stage=layers)
-    return config.pipeline_schedule, ratios
+    plan: Any  # PartitionPlan over every stage
+    placement: tuple[int, ...]  # pipeline rank of each stage
+    stages: list[Any]  # this rank's StageModules, in stage order
+    tied: list[tuple[Any, list, bool]]  # tied-weight groups (see tied_parameter_groups)
 
 
-SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b", "shifted_critical_path")
+def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, example: tuple[tuple, dict],
+                 config: MerakConfig, mesh: Any) -> PipelineCut:
+    """Plan the stages on the proxy graph (the same plan on every rank: it is deterministic); keep this rank's."""
+    from lightning_merak.partition import PartitionError, plan_model
+    from lightning_merak.pipeline.plan.schedules import make_schedule
+    from lightning_merak.pipeline.stage import build_stages
 
-
-class MeasuredChoice:
-    """``pipeline_schedule="auto"`` after the first steps: the choice again, from measured compute times.
-
-    The start-up choice uses modelled costs (FLOPs as time). Once a step has run, ``choose`` re-simulates every
-    candidate with each stage's measured forward and backward times (``simulate.measured_costs``) and the same
-    memory budget; ``apply`` sets this rank's recompute ratio (the engine rebuilds its schedules).
-    """
-
-    def __init__(self, plan: Any, config: Any, num_microbatches: int, stages: list[Any], ratios: list[float]) -> None:
-        self.plan, self.config, self.num_microbatches = plan, config, num_microbatches
-        self.stages = stages  # this rank's StageModules
-        self.ratios = list(ratios)
-
-    def choose(self, events: list[dict]) -> Any:
-        from lightning_merak.pipeline.simulate import choose_schedule, measured_costs
-
-        costs = measured_costs(events, self.plan.stage_costs(), self.ratios)
-        recompute = "none" if self.config.memory_manager == "delta" else self.config.recompute
-        budget = None if self.config.memory_manager == "delta" else self.config.budget_bytes
-        return choose_schedule(costs, self.num_microbatches, memory_budget=budget, recompute=recompute,
-                               candidates=SINGLE_STAGE_SCHEDULES)
-
-    def apply(self, ratios: list[float]) -> None:
-        """Checkpoint the share ``ratios[stage]`` of each local stage's blocks (rounded up to whole blocks)."""
-        self.ratios = list(ratios)
-        for stage in self.stages:
-            owned = len(self.plan.stages[stage.stage_index].units)
-            stage.checkpoint_units(math.ceil(self.ratios[stage.stage_index] * owned - 1e-9))
+    pp = topology.size(mesh, "pp")
+    placement = tuple(range(pp))
+    if config.stages_per_rank > 1:
+        placement = make_schedule(config.pipeline_schedule, pp, config.microbatches(pp)).stage_to_rank
+    try:
+        plan = plan_model(pipelined, example, len(placement), partition=config.partition)
+    except PartitionError as err:
+        if config.stages_per_rank == 1:
+            raise
+        raise MerakConfigError(f"this pipeline schedule places two stages on each pipeline rank, so "
+                               f"{type(pipelined).__name__} must be cut into {len(placement)} stages: {err}") from err
+    pp_rank = topology.local_rank(mesh, "pp")
+    stages = build_stages(pipelined, plan, [s for s, r in enumerate(placement) if r == pp_rank])
+    tied = tied_parameter_groups(lightning_module, path, plan, mesh, placement)
+    where = "" if len(placement) == pp else f" (pipeline rank of each stage: {list(placement)})"
+    rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {len(placement)} stages"
+                   f"{where}:\n{plan.table()}")
+    return PipelineCut(plan, placement, stages, tied)
 
 
 def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any, placement: tuple[int, ...]
@@ -237,7 +166,7 @@ def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mes
     this rank's copies, and whether this rank's copy is the one a global gradient norm counts (the first
     stage's). Stages of one tie on the same rank share one parameter there: nothing to join."""
     groups = []
-    my_rank = mesh["pp"].get_local_rank()
+    my_rank = topology.local_rank(mesh, "pp")
     for tie in getattr(plan, "tied", []) or []:
         ranks = sorted({placement[s] for s in tie.stages})
         if len(ranks) < 2:
@@ -265,14 +194,51 @@ def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mes
     return groups
 
 
-def warn_batch_coupled(pipelined: nn.Module, pp: int) -> None:
-    """A pipeline shows modules micro-batches, not the batch: warn once for layers that couple samples."""
-    if pp <= 1:
-        return
-    for name, module in pipelined.named_modules():
-        if isinstance(module, BATCH_NORM_TYPES) and module.training:
-            rank_zero_info(f"Merak: `{name}` ({type(module).__name__}) normalises over a batch; under the pipeline it "
-                           "sees micro-batches, so results equal gradient accumulation over micro-batches, not one "
-                           "full-batch step (see README, batch-coupled computations).")
-            return
+# ---------------------------------------------------------------------------------------------- 6
+def choose_schedule(cut: PipelineCut, config: MerakConfig, pp: int, num_microbatches: int) -> Any:
+    """The schedule and each stage's recompute ratio (``AutoSchedule``); the stages checkpoint their share."""
+    from lightning_merak.pipeline.plan.choose import AutoSchedule
 
+    auto = AutoSchedule(config.pipeline_schedule, config.recompute, config.budget_bytes, pp, num_microbatches,
+                        cut.plan.stage_costs(), layers_per_stage=max(len(s.units) for s in cut.plan.stages),
+                        memory_managed=config.memory_manager == "delta")
+    if config.pipeline_schedule == "auto":
+        rank_zero_info(f"Merak pipeline_schedule='auto' chose {auto.decision.reason}")
+    rank_zero_info(f"Merak schedule {auto.decision.name}, {num_microbatches} micro-batches, recompute ratio per "
+                   f"stage {[round(r, 3) for r in auto.decision.ratios]}")
+    return auto
+
+
+# ---------------------------------------------------------------------------------------------- 7, 8
+def apply_memory_manager(pipelined: nn.Module, config: MerakConfig) -> Any:
+    """DELTA over this rank's part of the module (after pruning: only owned blocks become segments)."""
+    from lightning_merak.memory import DeltaScheduler
+
+    budget = config.budget_bytes
+    if budget is None:  # e.g. strategy="merak_delta": fit the device, unsupervised
+        device = next((p.device for p in pipelined.parameters()), torch.device("cpu"))
+        budget = int(DEFAULT_BUDGET_SHARE * device_memory(device))
+        log.warning(f"Merak: memory_budget not set; DELTA keeps parameters, gradients and saved activations within "
+                    f"{DEFAULT_BUDGET_SHARE:.0%} of this device's memory ({budget / 2**30:.2f} GiB). Set "
+                    "memory_budget to choose.")
+    return DeltaScheduler(pipelined, budget)
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory one process may use: a GPU's total, or the host's RAM shared by the local processes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local, 1)
+
+
+def microbatch_rng(lightning_module: nn.Module, pipelined: nn.Module, mesh: Any, device: torch.device) -> Any:
+    """Micro-batch RNG streams over the whole LightningModule, with one seed on every rank."""
+    from lightning_merak.rng import MicrobatchRNG
+
+    seed = [int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(seed, src=0)
+    # the pipelined module is entered twice on a pipeline's last stage (the user's call, then the stage's)
+    return MicrobatchRNG(lightning_module, seed[0], device, skip=[pipelined],
+                         data_parallel=(topology.size(mesh, "dp"), topology.local_rank(mesh, "dp")))

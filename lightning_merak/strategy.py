@@ -8,9 +8,9 @@ Nothing algorithmic lives here.
 from __future__ import annotations
 
 import logging
+import random
 import socket
-from collections.abc import Generator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -33,10 +32,18 @@ from lightning_merak._compat import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
+    _optimizers_to_device,
     _SubprocessScriptLauncher,
     _sync_ddp_if_available,
+    dataloader_for,
+    install_clip_grad_by_norm,
+    reset_optimizers,
+    skip_lightning_backward,
 )
 from lightning_merak.config import MerakConfig, MerakConfigError, check_precision
+from lightning_merak.pipeline.engine import StepContext
+from lightning_merak.pipeline.plan.schedules import SCHEDULE_OPTIONS
+from lightning_merak.pipeline.takeover import replay_logs
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -53,7 +60,8 @@ class MerakStrategy(ParallelStrategy):
         pipeline_parallel_size: pipeline stages; the pipelined module is cut automatically (see ``partition``).
         tensor_parallel_size: tensor-parallel group size (layers sharded with an automatic plan).
         num_microbatches: micro-batches per batch in the pipeline; default 2 x pipeline size (1 without a pipeline).
-        pipeline_schedule: "shifted_critical_path" (Merak), "1f1b", "gpipe", "interleaved_1f1b", "zbv" or "auto".
+        pipeline_schedule: one of ``pipeline.plan.schedules.SCHEDULES`` ("shifted_critical_path" (Merak), "1f1b",
+            "gpipe", "interleaved_1f1b", "zbv") or "auto" (the simulator chooses).
         partition: "auto" or the module names (relative to the pipelined module) where stages 1.. begin.
         recompute: "stage_aware", "none", "full", or a float: Merak's first-stage recompute ratio.
         subtensor_chunks: sub-tensor TP overlap chunks; 1 disables the overlap.
@@ -64,7 +72,7 @@ class MerakStrategy(ParallelStrategy):
         trace_dir: where per-rank timelines (Chrome trace JSON) of real pipeline steps are written.
         rng: "torch" (as is) or "microbatch": the generators are reseeded per micro-batch and around every module
             call, so dropout masks are the same in any pipeline layout, schedule and recompute mode, and in one
-            process accumulating gradients over the same micro-batches (see ``lightning_merak.pipeline.rng``).
+            process accumulating gradients over the same micro-batches (see ``lightning_merak.rng``).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for any
             Lightning ParallelStrategy (normally filled in by the Trainer).
         process_group_backend: "gloo" on CPU, "nccl" on GPU by default.
@@ -80,9 +88,7 @@ class MerakStrategy(ParallelStrategy):
         pipeline_parallel_size: int = 1,
         tensor_parallel_size: int = 1,
         num_microbatches: Optional[int] = None,
-        pipeline_schedule: Literal[
-            "shifted_critical_path", "1f1b", "gpipe", "interleaved_1f1b", "zbv", "auto"
-        ] = "shifted_critical_path",
+        pipeline_schedule: Literal[SCHEDULE_OPTIONS] = "shifted_critical_path",
         partition: Union[Literal["auto"], list[str]] = "auto",
         recompute: Union[Literal["stage_aware", "none", "full"], float] = "stage_aware",
         subtensor_chunks: int = 2,
@@ -120,20 +126,8 @@ class MerakStrategy(ParallelStrategy):
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._device_mesh: Optional[DeviceMesh] = None
-        self._engine: Any = None  # the pipeline engine, built in setup (None without a pipeline)
-        self._delta: Any = None  # the DELTA memory manager (None without one)
-        self.rng_streams: Any = None  # micro-batch RNG streams (rng="microbatch"), installed in setup
-        self._built = False
-        self._sync_grads = True
+        self._engine: Any = None  # built in setup: PipelineEngine (pp > 1) or LocalEngine; steps delegate to it
         self.num_nodes = 1
-
-    # ----------------------------------------------------------------------------------------- registry
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        from lightning_merak_autoload import STRATEGY_NAMES
-
-        for name, (init_params, description) in STRATEGY_NAMES.items():
-            strategy_registry.register(name, cls, description=description, override=True, **init_params)
 
     # ----------------------------------------------------------------------------------------- topology
     @property
@@ -214,50 +208,45 @@ class MerakStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        if not self._built:
+        if self._engine is None:  # once: validate/test after fit reuse this rank's stage
             self.model = self.precision_plugin.convert_module(self.model)
             self.model_to_device()
-            self._engine, self._delta = self._build_engine(trainer)
-            self._built = True
+            self._engine = self._build_engine(trainer)
             topology.broadcast_module(self.lightning_module, topology.group(self._device_mesh, "dp"),
                                       topology.size(self._device_mesh, "dp"))
-        if self.config.rng == "microbatch" and self.rng_streams is None:
-            self.rng_streams = self._rng_streams()
         self.barrier("merak_setup")
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
-        self._install_clipping()
+        install_clip_grad_by_norm(self.precision_plugin, self._clip_grad_by_norm)
 
-    def _build_engine(self, trainer: pl.Trainer) -> tuple[Any, Any]:
-        """Cut, shard and wrap the model for this rank; (None, None) for plain data parallelism."""
-        dp, pp, tp = self.sizes
-        if pp == 1 and tp == 1 and self.config.memory_manager == "none":
-            return None, None
+    def _build_engine(self, trainer: pl.Trainer) -> Any:
+        """The build recipe (``parallelize.build_engine``) fed with the first batch of the running loop."""
         from lightning_merak.parallelize import build_engine
 
-        return build_engine(self, trainer)
+        step_name = STEP_FOR[trainer.state.fn]
+        return build_engine(self.lightning_module, self._first_batch(trainer), step_name, self.config,
+                            self._device_mesh, self.root_device)
 
-    def _rng_streams(self) -> Any:
-        """Micro-batch RNG streams over the whole LightningModule, with one seed on every rank."""
-        import os
-
-        from lightning_merak.parallelize import find_pipelined_module
-        from lightning_merak.pipeline.rng import MicrobatchRNG
-
-        seed = [int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))]
-        if dist.is_initialized():
-            dist.broadcast_object_list(seed, src=0)
-        # the pipelined module is entered twice on a pipeline's last stage (the user's call, then the stage's)
-        _, pipelined = find_pipelined_module(self.lightning_module, self.config.pipeline_module)
-        mesh = self._device_mesh
-        return MicrobatchRNG(self.lightning_module, seed[0], self.root_device, skip=[pipelined],
-                             data_parallel=(topology.size(mesh, "dp"), topology.local_rank(mesh, "dp")))
+    def _first_batch(self, trainer: pl.Trainer) -> Any:
+        """The first batch of the running loop, on this rank's device; the RNG state is restored afterwards, so
+        drawing it does not shift the run's randomness."""
+        states = (torch.get_rng_state(), random.getstate())
+        try:
+            loaders = dataloader_for(trainer)
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            if isinstance(loader, dict):
+                loader = next(iter(loader.values()))
+            batch = next(iter(loader))
+        finally:
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+        return self.batch_to_device(batch)
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
-        self._reset_optimizers_and_schedulers()  # re-entering setup (validate after fit) rebuilds them
+        reset_optimizers(self)  # re-entering setup (validate after fit) rebuilds them
         super().setup_optimizers(trainer)
         if topology.size(self._device_mesh, "tp") > 1:
             from lightning_merak.tensor_parallel import make_optimizer_checkpointable
@@ -269,28 +258,18 @@ class MerakStrategy(ParallelStrategy):
         assert self.model is not None
         self.model.to(self.root_device)
 
-    def _install_clipping(self) -> None:
+    def _clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
         """Clip by the global norm over the whole model (all stages and shards), not the local one."""
-        precision = self.precision_plugin
-        if getattr(precision, "_merak_clipping", False):
-            return
-        strategy = self
+        from lightning_merak.tensor_parallel import clip_grad_norm_
 
-        def clip_grad_by_norm(optimizer: Any, clip_val: Union[int, float]) -> None:
-            from lightning_merak.tensor_parallel import clip_grad_norm_
-
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            # a weight tied across stages has a copy (with the same summed gradient) on each: count one
-            copies = strategy._engine.tied_copies() if strategy._engine is not None else set()
-            norm = clip_grad_norm_([p for p in params if id(p) not in copies], float(clip_val),
-                                   strategy._norm_groups())
-            coef = min(1.0, float(clip_val) / (float(norm) + 1e-6))
-            for p in params:
-                if id(p) in copies and p.grad is not None:
-                    p.grad.mul_(coef)
-
-        precision.clip_grad_by_norm = clip_grad_by_norm
-        precision._merak_clipping = True
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        # a weight tied across stages has a copy (with the same summed gradient) on each: count one
+        copies = self._engine.tied_copies()
+        norm = clip_grad_norm_([p for p in params if id(p) not in copies], float(clip_val), self._norm_groups())
+        coef = min(1.0, float(clip_val) / (float(norm) + 1e-6))
+        for p in params:
+            if id(p) in copies and p.grad is not None:
+                p.grad.mul_(coef)
 
     def _norm_groups(self) -> list[Any]:
         """Groups whose parameters are disjoint shards of one model: pipeline stages and tensor shards."""
@@ -298,26 +277,35 @@ class MerakStrategy(ParallelStrategy):
 
     # ----------------------------------------------------------------------------------------- steps
     def on_train_start(self) -> None:
-        if self._engine is not None:
-            self._engine.on_train_start(self.lightning_module.trainer)
+        if self._engine.runs_backward:  # the pipeline schedule runs backward (and zero_grad) itself
+            skip_lightning_backward(self.lightning_module.trainer)
+
+    def _step_context(self, args: tuple, kwargs: dict) -> StepContext:
+        trainer = self.lightning_module.trainer
+        batch_idx = int(kwargs["batch_idx"] if "batch_idx" in kwargs else args[1])
+        accumulate = trainer.accumulate_grad_batches
+        return StepContext(batch_idx=batch_idx, global_step=trainer.global_step,
+                           starts_window=batch_idx % accumulate == 0, loss_scale=1.0 / accumulate,
+                           rng_batch=trainer.global_step * accumulate + batch_idx % accumulate)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._engine is not None:
-            with self.precision_plugin.train_step_context():
-                return self._engine.training_step(*args, **kwargs)
-        if self.rng_streams is not None:  # one micro-batch per step without a pipeline
-            from lightning_merak.pipeline.rng import batch_index
-
-            self.rng_streams.start(batch_index(self.lightning_module.trainer, _batch_idx(args, kwargs)))
-        if self._delta is not None:
-            with self._delta.forward():
-                return super().training_step(*args, **kwargs)
-        return super().training_step(*args, **kwargs)
+        with self.precision_plugin.train_step_context():
+            result = self._engine.training_step(self._step_context(args, kwargs), *args, **kwargs)
+        replay_logs(self.lightning_module, result.logs)
+        return result.output
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._delta is not None and self._engine is None:  # the pipeline engine closes its own steps
-            self.log_memory(self._delta.end_step())
+        """Average gradients over the data-parallel replicas once per optimizer step (after the last backward of
+        an accumulation window, before clipping), step, then log what the engine measured (DELTA's ledger)."""
+        step = self.lightning_module.trainer.global_step
+
+        def closure_then_sync() -> Any:
+            result = closure()
+            self.sync_data_parallel_grads()
+            return result
+
+        out = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        self.log_memory(self._engine.end_step(step))
         return out
 
     def log_memory(self, stats: dict[str, float]) -> None:
@@ -327,35 +315,21 @@ class MerakStrategy(ParallelStrategy):
             self.lightning_module.log(name, float(value), on_step=True, on_epoch=False, rank_zero_only=True)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._engine is not None:
-            with self.precision_plugin.val_step_context():
-                return self._engine.eval_step("validation_step", *args, **kwargs)
-        return super().validation_step(*args, **kwargs)
+        with self.precision_plugin.val_step_context():
+            return self._eval_step("validation_step", args, kwargs)
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._engine is not None:
-            with self.precision_plugin.test_step_context():
-                return self._engine.eval_step("test_step", *args, **kwargs)
-        return super().test_step(*args, **kwargs)
+        with self.precision_plugin.test_step_context():
+            return self._eval_step("test_step", args, kwargs)
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._engine is not None:
-            with self.precision_plugin.predict_step_context():
-                return self._engine.eval_step("predict_step", *args, **kwargs)
-        return super().predict_step(*args, **kwargs)
+        with self.precision_plugin.predict_step_context():
+            return self._eval_step("predict_step", args, kwargs)
 
-    @contextmanager
-    def block_backward_sync(self) -> Generator[None, None, None]:
-        """Inside an accumulation window gradients stay local; they are averaged once at its end."""
-        self._sync_grads = False
-        try:
-            yield
-        finally:
-            self._sync_grads = True
-
-    def post_backward(self, closure_loss: Tensor) -> None:
-        if self._sync_grads:
-            self.sync_data_parallel_grads()
+    def _eval_step(self, hook: str, args: tuple, kwargs: dict) -> Any:
+        result = self._engine.eval_step(hook, *args, **kwargs)
+        replay_logs(self.lightning_module, result.logs)
+        return result.output
 
     def sync_data_parallel_grads(self) -> None:
         """Average this replica's gradients with the other data-parallel replicas."""
@@ -415,7 +389,7 @@ class MerakStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         ckpt.save_sharded(path, checkpoint, self.lightning_module, self.optimizers, self.is_global_zero,
                           stage=topology.local_rank(self._device_mesh, "pp"),
-                          stage_of=self._engine.stage_of_parameters() if self._engine is not None else None)
+                          stage_of=self._engine.stage_of_parameters())
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
@@ -432,21 +406,18 @@ class MerakStrategy(ParallelStrategy):
 
     # ----------------------------------------------------------------------------------------- teardown
     def teardown(self) -> None:
-        if self._delta is not None and self._first_of_stage():
-            stage = f", pipeline stage {topology.local_rank(self._device_mesh, 'pp')}" if self._engine is not None else ""
-            print(f"DELTA memory ledger (rank {self.global_rank}{stage}):\n{self._delta.ledger.summary_table()}",
-                  flush=True)
+        """End of a fit/validate/test/predict: report DELTA's ledger, free the engine's caches. The stage itself
+        stays (the module is pruned to it), so a later validate/test with this Trainer reuses it."""
         if self._engine is not None:
+            report = self._engine.memory_report()
+            if report is not None and self._first_of_stage():
+                print(f"rank {self.global_rank}: {report}", flush=True)
             self._engine.teardown()
-        if self.rng_streams is not None:
-            self.rng_streams.remove()
-            self.rng_streams = None
         assert self.cluster_environment is not None and self.accelerator is not None
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
 
 
-def _batch_idx(args: tuple, kwargs: dict) -> int:
-    """``batch_idx`` of a ``training_step(batch, batch_idx)`` call, however Lightning passed it."""
-    return int(kwargs["batch_idx"] if "batch_idx" in kwargs else args[1])
+STEP_FOR = {TrainerFn.FITTING: "training_step", TrainerFn.VALIDATING: "validation_step",
+            TrainerFn.TESTING: "test_step", TrainerFn.PREDICTING: "predict_step"}

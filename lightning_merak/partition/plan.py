@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_merak.trace import Capture, capture, find_units
+from lightning_merak.units import format_bytes
 
 
 class PartitionError(ValueError):
@@ -110,7 +111,7 @@ class PartitionPlan:
     def stage_costs(self) -> list:
         """Per-stage costs for the schedule simulator: FLOPs as time units (backward = 2 x forward), the saved
         bytes of one micro-batch, the received bytes, and parameters + gradients + two Adam moments as static."""
-        from lightning_merak.pipeline.simulate import StageCosts
+        from lightning_merak.pipeline.plan.simulate import StageCosts
 
         costs = []
         for i, st in enumerate(self.stages):
@@ -143,20 +144,12 @@ class PartitionPlan:
         for st in self.stages:
             rng = st.units[0] if len(st.units) == 1 else f"{st.units[0]} .. {st.units[-1]}"
             nbytes = sum(b.bytes for b in st.boundary)
-            sends = f"{len(st.boundary)} tensors {_human(nbytes)}" if st.index < len(self.stages) - 1 else "-"
+            sends = f"{len(st.boundary)} tensors {format_bytes(nbytes)}" if st.index < len(self.stages) - 1 else "-"
             lines.append(f"{st.index:>5}  {rng:<40} {st.num_params:>14,} {st.flops / 1e9:>11.4f}  {sends:>24}")
         for t in self.tied:
             lines.append(f"tied: {' = '.join(t.names)} on stages {t.stages} (gradients all-reduced between them)")
         lines.append(f"balance (max stage / mean, forward FLOPs): {self.balance:.3f}")
         return "\n".join(lines)
-
-
-def _human(nbytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
 
 
 def _nbytes(info: dict) -> int:

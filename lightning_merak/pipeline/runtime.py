@@ -22,13 +22,8 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleZBVZeroBubble,
-)
+import torch.distributed.pipelining as torch_pipelining
+from torch.distributed.pipelining import PipelineStage
 
 from lightning_merak._compat import (
     _ComputationType,
@@ -38,14 +33,7 @@ from lightning_merak._compat import (
     _ScheduleForwardOnly,
     _wait_batch_p2p,
 )
-from lightning_merak.pipeline.schedules import (
-    MULTI_STAGE_SCHEDULES,
-    SCHEDULE_NAMES,
-    Schedule,
-    ScheduleError,
-    make_schedule,
-    to_torch_actions,
-)
+from lightning_merak.pipeline.plan.schedules import Action, Schedule, ScheduleError, spec, to_torch_actions
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -106,9 +94,8 @@ class ActionListSchedule(_PipelineScheduleRuntime):
             start = time.perf_counter()
             handler(action, ctx)
             start = self._compute_start or start
-            flag = "pc" if (action.stage_index, action.microbatch_index) in self.pre_checkpointed else ""
-            flag = flag if action.computation_type == _ComputationType.FORWARD else ("rc" if flag else "")
-            self._record(f"{action}{flag}", start)
+            pre = (action.stage_index, action.microbatch_index) in self.pre_checkpointed
+            self._record(str(Action.from_torch(action, pre)), start)
         return run
 
     def _stage(self, index: int) -> PipelineStage:
@@ -158,7 +145,7 @@ class ActionListSchedule(_PipelineScheduleRuntime):
         finally:
             _set_rng_state(current, stage.device)
         stage.fwd_cache[mb] = (_normalize_model_output_as_tuple(output), flat)
-        self._record(f"{stage.stage_index}R{mb}", start)
+        self._record(str(Action(stage.stage_index, "R", mb)), start)
 
     def _backward(self, action, ctx: _PipelineContext) -> None:
         """B (full) or I (input-gradient only); recomputes first when pre-checkpointed (``RecomputeRecvGrad``)."""
@@ -199,24 +186,18 @@ def build_schedule(name: str, stage: PipelineStage | Sequence[PipelineStage], n_
     name, so that ``.timeline_events`` holds this rank's real (action, start, end) records after each step.
     Micro-batch rules are checked by the action-list builders, so a bad count fails here with the rule.
     """
-    if name not in SCHEDULE_NAMES:
-        raise ScheduleError(f"unknown pipeline schedule {name!r}; choose one of {list(SCHEDULE_NAMES)}.")
+    entry = spec(name)
     stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
-    want = 2 if name in MULTI_STAGE_SCHEDULES else 1
-    if len(stages) != want:
-        raise ScheduleError(f"pipeline_schedule={name!r} runs {want} stage(s) per rank; got {len(stages)}.")
-    group_size = stages[0].group_size
-    plan = make_schedule(name, group_size, n_microbatches)   # validates the micro-batch rules
-    if record_timeline or recompute_table or name == "shifted_critical_path":
+    if len(stages) != entry.stages_per_rank:
+        raise ScheduleError(f"pipeline_schedule={name!r} runs {entry.stages_per_rank} stage(s) per rank; got "
+                            f"{len(stages)}.")
+    plan = entry.build(stages[0].group_size, n_microbatches)   # validates the micro-batch rules
+    if record_timeline or recompute_table or entry.torch_class is None:
         return ActionListSchedule(stages, plan, loss_fn, pre_checkpointed=recompute_table, scale_grads=scale_grads,
                                   record_timeline=record_timeline)
-    if name == "gpipe":
-        return ScheduleGPipe(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    if name == "1f1b":
-        return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    if name == "interleaved_1f1b":
-        return ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    return ScheduleZBVZeroBubble(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+    torch_class = getattr(torch_pipelining, entry.torch_class)
+    return torch_class(stages if entry.stages_per_rank > 1 else stages[0], n_microbatches, loss_fn=loss_fn,
+                       scale_grads=scale_grads)
 
 
 def forward_only_schedule(stage: PipelineStage, n_microbatches: int):

@@ -12,29 +12,21 @@ their original names: optimizers see only local parameters and checkpoints are t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from lightning_merak._compat import tree_flatten, tree_map
+from lightning_merak._compat import strip_module_state, tree_flatten, tree_map
+from lightning_merak.intercept import wrap_forward
 from lightning_merak.partition.plan import PartitionPlan, first_read_after
 from lightning_merak.trace import Capture, capture, meta_twin
 
 
 class _Stop(Exception):
     pass
-
-
-def _strip(unit: nn.Module) -> None:
-    """Make a block of another stage hold no state: parameters and buffers become plain meta tensors, so
-    they leave parameters()/state_dict() while code that reads e.g. ``block.weight.dtype`` still works."""
-    for sub in unit.modules():
-        for store in (sub._parameters, sub._buffers):
-            for name, t in list(store.items()):
-                del store[name]
-                if t is not None:
-                    object.__setattr__(sub, name, t.detach().to("meta"))
 
 
 def _zeros_like_meta(out: Any, device: torch.device) -> Any:
@@ -73,6 +65,7 @@ class StageModule(nn.Module):
         self._signatures: dict[tuple, Capture] = {}
         self._hooks = [module.get_submodule(name).register_forward_pre_hook(self._pre_hook(u), with_kwargs=True)
                        for u, name in enumerate(plan.units)]
+        units.stages.append(self)
         self._state: dict | None = None
         self.split_backward = False  # set for schedules that split backward into input and weight gradients
         self._own: list[nn.Parameter] | None = None
@@ -93,13 +86,15 @@ class StageModule(nn.Module):
         """Recompute the first ``n`` owned blocks in backward (stage-aware recomputation: earlier stages hold
         more micro-batches in flight); non-reentrant, RNG state preserved so dropout replays identically. A new
         ``n`` ("auto" after measuring) replaces the old one."""
-        from torch.utils.checkpoint import checkpoint
-
         first = self.plan.stages[self.stage_index].first
         for u in self.owned:
-            original = self.shared.original[u]
-            self.shared.live[u] = original if u >= first + n else (
-                lambda *a, _f=original, **kw: checkpoint(_f, *a, use_reentrant=False, **kw))
+            self.shared.checkpointed.discard(u)
+            if u < first + n:
+                self.shared.checkpointed.add(u)
+
+    def checkpoint_ratio(self, ratio: float) -> None:
+        """Checkpoint the share ``ratio`` of this stage's blocks, rounded up to whole blocks."""
+        self.checkpoint_units(math.ceil(ratio * len(self.owned) - 1e-9))
 
     def _capture_for(self, args: tuple, kwargs: dict) -> Capture:
         sig = shape_signature(args, kwargs)
@@ -127,7 +122,7 @@ class StageModule(nn.Module):
     def _pre_hook(self, unit: int):
         def hook(mod, args, kwargs):
             state = self._state
-            if state is None or state["depth"] > 0:
+            if state is None:
                 return None
             c = state["call"] = state["next"]
             state["next"] += 1
@@ -148,7 +143,7 @@ class StageModule(nn.Module):
     def forward(self, *received: torch.Tensor, model_args: tuple = (), model_kwargs: dict | None = None) -> Any:
         model_kwargs = model_kwargs or {}
         cap = self._capture_for(model_args, model_kwargs)
-        self._state = {"cap": cap, "call": -1, "next": 0, "depth": 0, "received": received,
+        self._state = {"cap": cap, "call": -1, "next": 0, "received": received,
                        "sent": [None] * len(self.send_at)}
         outer, self.shared.running = self.shared.running, self
         try:
@@ -176,33 +171,45 @@ def shape_signature(args: tuple, kwargs: dict) -> tuple:
 
 class _Units:
     """The blocks of one pruned module, shared by the stages built on it (two per rank for interleaved and V
-    schedules). Each block with parameters runs through ``dispatch``: live (its forward, or the checkpointed
-    one) while a stage that owns it is running, else the running stage's zero stub. Blocks no local stage owns
-    are stripped of their parameters and can only be stubs."""
+    schedules). Each block with parameters is dispatched (``intercept`` layer "stage"): live (its forward, or
+    the checkpointed one) while a stage that owns it is running, else the running stage's zero stub. Blocks no
+    local stage owns are stripped of their parameters and can only be stubs."""
 
     def __init__(self, module: nn.Module, plan: PartitionPlan, local: set[int]) -> None:
         self.twin = meta_twin(module)  # before any stripping
         self.running: StageModule | None = None
-        self.original: dict[int, Any] = {}
-        self.live: dict[int, Any] = {}
+        self.checkpointed: set[int] = set()
+        self.stages: list[StageModule] = []
+        self._wraps = []
         for u, name in enumerate(plan.units):
             sub = module.get_submodule(name)
             stateful = any(True for _ in sub.parameters())
             if u not in local and not stateful:
                 continue  # parameter-free blocks (dropout, rotary tables) run for real on every stage
-            if u in local:
-                self.original[u] = self.live[u] = sub.forward
-            else:
-                _strip(sub)
-            sub.forward = self._dispatch(u, stateful)
+            if u not in local:
+                strip_module_state(sub)
+            self._wraps.append(wrap_forward(sub, "stage", self._dispatch(u, stateful)))
 
     def _dispatch(self, unit: int, stateful: bool):
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            stage = self.running
-            if stage is None or unit in stage.owned or not stateful:
-                return self.live[unit](*args, **kwargs)
-            return stage._stub_output()
-        return forward
+        def wrapper(inner):
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                stage = self.running
+                if stage is None or unit in stage.owned or not stateful:
+                    if unit in self.checkpointed:
+                        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+                    return inner(*args, **kwargs)
+                return stage._stub_output()
+            return forward
+        return wrapper
+
+    def remove(self) -> None:
+        """Take out the dispatch and every stage's hooks (teardown); the pruned blocks stay pruned."""
+        for wrap in self._wraps:
+            wrap.remove()
+        for stage in self.stages:
+            for handle in stage._hooks:
+                handle.remove()
+        self._wraps = []
 
 
 def build_stages(module: nn.Module, plan: PartitionPlan, stage_indices: list[int]) -> list[StageModule]:

@@ -1,7 +1,7 @@
 """Training-step takeover: the user's unmodified ``training_step`` drives a pipeline.
 
 Lightning runs ``training_step`` then ``backward``. Under a pipeline the schedule runs forward *and* backward
-of every micro-batch, so the strategy's ``training_step`` takes over (DESIGN.md, "Training-step takeover"):
+of every micro-batch, so the strategy's ``training_step`` takes over (the design's "training-step takeover"):
 
 - every rank splits the batch into micro-batches and runs the user's step with the pipelined module's
   ``forward`` redirected to *capture its arguments and stop* (``capture_model_call``): that gives the inputs
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lightning_merak._compat import load_metric_state, metric_state, tree_flatten, tree_map
+from lightning_merak.intercept import wrap_forward
 
 
 class _Captured(Exception):
@@ -38,28 +39,25 @@ class PipelineInputError(RuntimeError):
 @contextmanager
 def redirect_forward(module: nn.Module, fn: Callable[..., Any]) -> Iterator[None]:
     """Route ``module(...)`` to ``fn`` for the outermost call only; nested calls (``fn`` itself running the
-    module) reach the real forward."""
-    had_attr = "forward" in module.__dict__
-    original = module.forward
+    module) reach the real forward (the ``intercept`` layer "takeover", outside DELTA and the stage dispatch)."""
     depth = [0]
 
-    def patched(*args: Any, **kwargs: Any) -> Any:
-        if depth[0]:
-            return original(*args, **kwargs)
-        depth[0] += 1
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            depth[0] -= 1
+    def wrapper(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            if depth[0]:
+                return inner(*args, **kwargs)
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return patched
 
-    module.forward = patched
+    wrap = wrap_forward(module, "takeover", wrapper)
     try:
         yield
     finally:
-        if had_attr:
-            module.forward = original
-        else:
-            del module.forward
+        wrap.remove()
 
 
 @contextmanager

@@ -52,8 +52,8 @@ def run_schedule(rank: int, world: int, name: str, n_mb: int, *, dropout: float 
     """One training step of ``name``; returns {global stage index: {param name: grad}} and the losses."""
     from torch.distributed.pipelining import PipelineStage
 
+    from lightning_merak.pipeline.plan.schedules import MULTI_STAGE_SCHEDULES, make_schedule
     from lightning_merak.pipeline.runtime import build_schedule
-    from lightning_merak.pipeline.schedules import MULTI_STAGE_SCHEDULES, make_schedule
 
     plan = make_schedule(name, world, n_mb)
     local = plan.stages_of(rank) if name in MULTI_STAGE_SCHEDULES else [rank]
@@ -139,7 +139,7 @@ def check(results: list[dict], world: int, n_mb: int) -> None:
 
 
 def _plan(name: str, world: int, n_mb: int):
-    from lightning_merak.pipeline.schedules import make_schedule
+    from lightning_merak.pipeline.plan.schedules import make_schedule
 
     return make_schedule(name, world, n_mb)
 
@@ -153,8 +153,8 @@ def test_schedules_match_single_process(world: int) -> None:
 
 
 def test_build_schedule_rejects_bad_input() -> None:
+    from lightning_merak.pipeline.plan.schedules import ScheduleError
     from lightning_merak.pipeline.runtime import build_schedule
-    from lightning_merak.pipeline.schedules import ScheduleError
 
     class FakeStage:
         group_size = 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_merak.pipeline.schedules import (
+from lightning_merak.pipeline.plan.schedules import (
     SCHEDULE_NAMES,
     ScheduleError,
     from_orders,

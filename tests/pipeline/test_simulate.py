@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lightning_merak.pipeline import (
+from lightning_merak.pipeline.plan import (
     LinkCosts,
     MemoryBudgetError,
     StageCosts,
@@ -18,7 +18,7 @@ from lightning_merak.pipeline import (
     stage_aware_ratios,
     to_chrome_trace,
 )
-from lightning_merak.pipeline.simulate import with_ratios
+from lightning_merak.pipeline.plan.simulate import with_ratios
 
 UNIT = StageCosts(forward=1.0, backward=2.0, activation_bytes=1.0)
 
@@ -161,7 +161,7 @@ def test_chrome_trace_of_simulation_and_real_records(tmp_path) -> None:
 
 def test_gantt_png(tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    from lightning_merak.pipeline import plot_gantt
+    from lightning_merak.pipeline.plan import plot_gantt
 
     path = plot_gantt(simulate(make_schedule("1f1b", 4, 8), UNIT).timeline, tmp_path / "g.png", title="1f1b")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -170,7 +170,7 @@ def test_gantt_png(tmp_path) -> None:
 def test_measured_costs_replace_modelled_times():
     """Median forward/backward per stage from real timeline events; pre-checkpointed (no_grad) forwards are
     ignored and the checkpointed share is taken out of the backward; a stage without events is rescaled."""
-    from lightning_merak.pipeline.simulate import measured_costs
+    from lightning_merak.pipeline.plan.simulate import measured_costs
 
     def ev(action, start, end):
         return {"rank": 0, "action": action, "start": start, "end": end}

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_merak.partition import plan_model
-from lightning_merak.pipeline.rng import MicrobatchRNG
 from lightning_merak.pipeline.stage import build_stage, build_stages
+from lightning_merak.rng import MicrobatchRNG
 from tests.helpers.pipeline_models import build_hf
 
 

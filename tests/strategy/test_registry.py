@@ -57,7 +57,7 @@ def test_merak_delta_name_trains_within_a_default_budget(tmp_path):
         cli = LightningCLI(BoringModel, run=False, args=sys.argv[1:])
         cli.trainer.fit(cli.model)
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        print(cli.trainer.global_step, cli.trainer.strategy._delta.ledger.budget_bytes == int(0.75 * ram))
+        print(cli.trainer.global_step, cli.trainer.strategy._engine.delta.ledger.budget_bytes == int(0.75 * ram))
     """))
     out = subprocess.run([sys.executable, str(script), "--trainer.strategy=merak_delta", "--trainer.accelerator=cpu",
                           "--trainer.devices=1", "--trainer.max_steps=2", "--trainer.logger=false"],

@@ -14,21 +14,20 @@ Roughly, per action:
 - ``I`` / ``W`` (zero-bubble split): input gradient now, weight gradient later.
 
 Schedules: ``gpipe``, ``1f1b``, ``interleaved_1f1b`` and ``zbv`` (two stages per rank, loop and V placement;
-same orders as torch's classes) and Merak's ``shifted_critical_path`` (Lai et al., TPDS 2023, §7 of
-``reference/merak.md``).
+same orders as torch's classes) and Merak's ``shifted_critical_path`` (Lai et al., TPDS 2023, §7). The
+registry at the end of this module (``SCHEDULES``) is the one list of schedules the package reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lightning_merak.config import TWO_STAGES_PER_RANK
-
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "shifted_critical_path")
-#: Schedules that place two stages on each rank.
-MULTI_STAGE_SCHEDULES = TWO_STAGES_PER_RANK
 COMPUTE_KINDS = ("F", "B", "I", "W")
+#: ``R`` (a recomputation) appears only in timelines of real and simulated steps, never in a schedule.
+TIMELINE_KINDS = COMPUTE_KINDS + ("R",)
+_ACTION_TEXT = re.compile(r"^(\d+)([FBIWR])(\d+)(pc|rc)?$")
 
 
 class ScheduleError(ValueError):
@@ -51,6 +50,30 @@ class Action:
     def __str__(self) -> str:
         flag = ("pc" if self.kind == "F" else "rc") if self.pre_checkpointed else ""
         return f"{self.stage}{self.kind}{self.mb}{flag}"
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """The inverse of ``str``: ``"2F0"``, ``"1B3rc"``, ``"0R1"`` (a timeline's recomputation)."""
+        match = _ACTION_TEXT.match(str(text))
+        if not match:
+            raise ScheduleError(f"cannot parse action {text!r}; expected e.g. '2F0', '0F1pc', '1B3rc'.")
+        return cls(int(match[1]), match[2], int(match[3]), match[4] is not None)
+
+    @classmethod
+    def from_torch(cls, action: object, pre_checkpointed: bool = False) -> Action:
+        """Ours from torch's ``_Action`` (the runtime's records); the flag travels beside torch's IR."""
+        from lightning_merak._compat import _ComputationType
+
+        kind = {_ComputationType.FORWARD: "F", _ComputationType.FULL_BACKWARD: "B",
+                _ComputationType.BACKWARD_INPUT: "I", _ComputationType.BACKWARD_WEIGHT: "W"}[action.computation_type]
+        return cls(action.stage_index, kind, action.microbatch_index, pre_checkpointed and kind in "FBI")
+
+    def to_torch(self) -> object:
+        from lightning_merak._compat import _Action, _ComputationType
+
+        kind = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD,
+                "I": _ComputationType.BACKWARD_INPUT, "W": _ComputationType.BACKWARD_WEIGHT}[self.kind]
+        return _Action(self.stage, kind, self.mb)
 
 
 @dataclass(frozen=True)
@@ -91,7 +114,7 @@ def _check_sizes(num_ranks: int, num_microbatches: int) -> None:
         raise ScheduleError(f"num_microbatches={num_microbatches} must be >= 1.")
 
 
-def _one_f_one_b_order(stage: int, num_stages: int, num_microbatches: int, warmup: int) -> list[tuple[str, int]]:
+def _one_f_one_b_order(num_microbatches: int, warmup: int) -> list[tuple[str, int]]:
     """``warmup`` forwards, then alternate backward/forward, then the remaining backwards."""
     warmup = min(warmup, num_microbatches)
     order = [("F", mb) for mb in range(warmup)]
@@ -122,7 +145,7 @@ def one_f_one_b(num_ranks: int, num_microbatches: int) -> Schedule:
     """1F1B (PipeDream-flush): stage s runs p−s forwards before its first backward, then alternates."""
     _check_sizes(num_ranks, num_microbatches)
     p, m = num_ranks, num_microbatches
-    per_rank = [[Action(s, k, mb) for k, mb in _one_f_one_b_order(s, p, m, p - s)] for s in range(p)]
+    per_rank = [[Action(s, k, mb) for k, mb in _one_f_one_b_order(m, p - s)] for s in range(p)]
     return _single("1f1b", p, m, per_rank)
 
 
@@ -151,7 +174,7 @@ def shifted_critical_path(num_ranks: int, num_microbatches: int) -> Schedule:
     per_rank: list[list[Action]] = []
     for s in range(p):
         if s == p - 1:
-            order, pc = _one_f_one_b_order(s, p, m, 1), set()
+            order, pc = _one_f_one_b_order(m, 1), set()
         elif s == p - 2:
             # One extra forward before the first backward, then B0 B1 back to back: F0 F1 F2 B0 B1 F3 B2 F4 B3 ...
             order = [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("B", 1)]
@@ -160,7 +183,7 @@ def shifted_critical_path(num_ranks: int, num_microbatches: int) -> Schedule:
             order.append(("B", m - 1))
             pc = {0, 1}
         else:
-            order = _one_f_one_b_order(s, p, m, p - s)
+            order = _one_f_one_b_order(m, p - s)
             pc = {mb for mb in range(m) if m - mb + s < p}
             if s == p - 3:
                 pc.add(0)
@@ -272,11 +295,7 @@ def zbv(num_ranks: int, num_microbatches: int) -> Schedule:
 
 def make_schedule(name: str, num_ranks: int, num_microbatches: int) -> Schedule:
     """Build the named schedule for ``num_ranks`` pipeline ranks; two-stage-per-rank schedules get 2p stages."""
-    builders = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved_1f1b": interleaved_1f1b, "zbv": zbv,
-                "shifted_critical_path": shifted_critical_path}
-    if name not in builders:
-        raise ScheduleError(f"unknown pipeline schedule {name!r}; choose one of {list(SCHEDULE_NAMES)}.")
-    return builders[name](num_ranks, num_microbatches)
+    return spec(name).build(num_ranks, num_microbatches)
 
 
 def validate(schedule: Schedule) -> None:
@@ -326,27 +345,50 @@ def validate(schedule: Schedule) -> None:
 
 def to_torch_actions(schedule: Schedule) -> list[list]:
     """Per-rank lists of torch ``_Action`` (the flags travel separately, see ``Schedule.pre_checkpointed``)."""
-    from lightning_merak._compat import _Action, _ComputationType
-
-    kinds = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD,
-             "I": _ComputationType.BACKWARD_INPUT, "W": _ComputationType.BACKWARD_WEIGHT}
-    return [[_Action(a.stage, kinds[a.kind], a.mb) for a in rank] for rank in schedule.actions]
+    return [[a.to_torch() for a in rank] for rank in schedule.actions]
 
 
 def from_orders(name: str, num_microbatches: int, orders: Sequence[Sequence[str]],
                 stage_to_rank: Sequence[int] | None = None) -> Schedule:
     """Build a schedule from printed orders like ``[["0F0", "0F1pc", "0B0"], ...]`` (tests, CSV round trips)."""
-    import re
-
-    pattern = re.compile(r"^(\d+)([FBIW])(\d+)(pc|rc)?$")
     per_rank = []
     for rank, order in enumerate(orders):
-        acts = []
-        for text in order:
-            match = pattern.match(text)
-            if not match:
-                raise ScheduleError(f"rank {rank}: cannot parse action {text!r}; expected e.g. '2F0', '1B3rc'.")
-            acts.append(Action(int(match[1]), match[2], int(match[3]), match[4] is not None))
-        per_rank.append(tuple(acts))
+        try:
+            per_rank.append(tuple(Action.parse(text) for text in order))
+        except ScheduleError as err:
+            raise ScheduleError(f"rank {rank}: {err}") from None
     placement = tuple(stage_to_rank) if stage_to_rank is not None else tuple(range(len(orders)))
     return Schedule(name, len(orders), num_microbatches, placement, tuple(per_rank))
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One registry entry: what config, the strategy, the engine, recompute and the chooser need to know."""
+
+    name: str
+    build: Callable[[int, int], Schedule]
+    stages_per_rank: int = 1
+    splits_backward: bool = False   # I and W actions: torch's split backward runs the weight step later
+    pre_checkpoints: bool = False   # Merak's pre-checkpointed forwards (recomputation inside the bubble)
+    torch_class: str | None = None  # torch.distributed.pipelining's own class for it (the baseline)
+
+
+#: The schedules, by name. Adding a schedule is one entry here.
+SCHEDULES: dict[str, ScheduleSpec] = {s.name: s for s in (
+    ScheduleSpec("gpipe", gpipe, torch_class="ScheduleGPipe"),
+    ScheduleSpec("1f1b", one_f_one_b, torch_class="Schedule1F1B"),
+    ScheduleSpec("shifted_critical_path", shifted_critical_path, pre_checkpoints=True),
+    ScheduleSpec("interleaved_1f1b", interleaved_1f1b, stages_per_rank=2, torch_class="ScheduleInterleaved1F1B"),
+    ScheduleSpec("zbv", zbv, stages_per_rank=2, splits_backward=True, torch_class="ScheduleZBVZeroBubble"),
+)}
+SCHEDULE_NAMES = tuple(SCHEDULES)
+#: What ``MerakStrategy(pipeline_schedule=...)`` accepts: a schedule, or "auto" (the simulator chooses).
+SCHEDULE_OPTIONS = SCHEDULE_NAMES + ("auto",)
+#: Schedules that place two stages on each rank.
+MULTI_STAGE_SCHEDULES = tuple(n for n, s in SCHEDULES.items() if s.stages_per_rank > 1)
+
+
+def spec(name: str) -> ScheduleSpec:
+    if name not in SCHEDULES:
+        raise ScheduleError(f"unknown pipeline schedule {name!r}; choose one of {list(SCHEDULE_NAMES)}.")
+    return SCHEDULES[name]

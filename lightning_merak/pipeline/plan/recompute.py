@@ -11,8 +11,9 @@ import logging
 import math
 from collections.abc import Sequence
 
-from lightning_merak.pipeline.schedules import Schedule
-from lightning_merak.pipeline.simulate import LinkCosts, StageCosts, simulate, with_ratios
+from lightning_merak.pipeline.plan.schedules import Schedule
+from lightning_merak.pipeline.plan.simulate import LinkCosts, StageCosts, simulate, with_ratios
+from lightning_merak.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ def stage_aware_ratios(first_ratio: float, num_stages: int) -> list[float]:
     s = num_stages
     ratios = [max(0.0, round(1 - (1 - first_ratio) * (s - 1) / (s - 1 - i), 12)) for i in range(s - 1)]
     return ratios + [0.0]
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB" if n >= 2**20 else f"{n:.4g} B"
 
 
 def ratios_for_budget(schedule: Schedule, costs: Sequence[StageCosts], memory_budget: float, *,
@@ -71,9 +68,9 @@ def ratios_for_budget(schedule: Schedule, costs: Sequence[StageCosts], memory_bu
         if worst > memory_budget:
             stages = schedule.stages_of(rank)
             raise MemoryBudgetError(
-                f"memory_budget={_fmt_bytes(memory_budget)} cannot be met on pipeline rank {rank} (stages {stages}) "
-                f"even with full recomputation: simulated peak {_fmt_bytes(worst)} (static "
-                f"{_fmt_bytes(static[rank])}). Raise memory_budget, use more pipeline stages, fewer micro-batches "
+                f"memory_budget={format_bytes(memory_budget)} cannot be met on pipeline rank {rank} (stages {stages}) "
+                f"even with full recomputation: simulated peak {format_bytes(worst)} (static "
+                f"{format_bytes(static[rank])}). Raise memory_budget, use more pipeline stages, fewer micro-batches "
                 f"in flight (another schedule) or smaller micro-batches."
             )
         lo, hi = ratios[schedule.stages_of(rank)[0]], 1.0

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_merak.pipeline.simulate import Event
+from lightning_merak.pipeline.plan.schedules import Action
+from lightning_merak.pipeline.plan.simulate import Event
 
 #: Colours per action kind (Chrome trace reserved colour names, and the same hues for the PNG).
 _TRACE_COLOURS = {"F": "thread_state_running", "B": "thread_state_iowait", "I": "thread_state_iowait",
@@ -32,8 +33,7 @@ def _as_event(record: Any) -> tuple[int, str, str, float, float]:
     else:
         rank, action, start, end = record
         action = str(action)
-    kind = next((c for c in action.lstrip("0123456789") if c.isalpha()), "?")
-    return int(rank), kind, action, float(start), float(end)
+    return int(rank), Action.parse(action).kind, action, float(start), float(end)
 
 
 def to_chrome_trace(events: Iterable[Any], *, time_unit: float = 1.0, name: str = "pipeline") -> dict:

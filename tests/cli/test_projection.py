@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_merak.pipeline.projection import (
+from lightning_merak.cli.projection import (
     PRESETS,
     Cluster,
     Layout,

@@ -18,11 +18,10 @@ backward (``W`` for a split backward). Frees at a time instant happen before all
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from lightning_merak.pipeline.schedules import Action, Schedule, ScheduleError
+from lightning_merak.pipeline.plan.schedules import Action, Schedule, ScheduleError
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,7 @@ def simulate(schedule: Schedule, costs: StageCosts | Sequence[StageCosts], link:
             else:
                 r_start = r_end = start = max(t, ready)
             if r_end > r_start:
-                events.append(Event(rank, a.stage, "R", a.mb, r_start, r_end, f"{a.stage}R{a.mb}"))
+                events.append(Event(rank, a.stage, "R", a.mb, r_start, r_end, str(Action(a.stage, "R", a.mb))))
             end = start + (c.backward if a.kind == "B" else c.input_grad)
             events.append(Event(rank, a.stage, a.kind, a.mb, start, end, str(a)))
             done[(a.stage, "G", a.mb)] = end
@@ -227,13 +226,12 @@ def measured_costs(events: Sequence[dict], modelled: Sequence[StageCosts],
     forwards: dict[int, list[float]] = {}
     backwards: dict[int, list[float]] = {}
     for event in events:
-        match = _ACTION.fullmatch(event["action"])
-        if match is None or match.group(4) == "pc":
+        action = Action.parse(event["action"])
+        if action.kind == "F" and action.pre_checkpointed:
             continue
-        stage, kind = int(match.group(1)), match.group(2)
-        into = forwards if kind == "F" else backwards if kind == "B" else None
+        into = forwards if action.kind == "F" else backwards if action.kind == "B" else None
         if into is not None:
-            into.setdefault(stage, []).append(event["end"] - event["start"])
+            into.setdefault(action.stage, []).append(event["end"] - event["start"])
     scales = [_median(forwards[s]) / c.forward for s, c in enumerate(modelled) if forwards.get(s) and c.forward]
     scale = _median(scales) if scales else 1.0
     costs = []
@@ -248,71 +246,7 @@ def measured_costs(events: Sequence[dict], modelled: Sequence[StageCosts],
     return costs
 
 
-_ACTION = re.compile(r"(\d+)([A-Z])(\d+)(pc|rc)?")
-
-
 def _median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-@dataclass(frozen=True)
-class ScheduleChoice:
-    """What ``pipeline_schedule="auto"`` picked, with its recompute ratios, simulation and a readable reason."""
-
-    name: str
-    schedule: Schedule
-    ratios: tuple[float, ...]
-    result: SimResult
-    reason: str
-    considered: tuple[tuple[str, str], ...]   # (schedule name, outcome) for every candidate
-
-
-def virtual_stage_costs(costs: Sequence[StageCosts], stages_per_rank: int) -> list[StageCosts]:
-    """Split each stage into ``stages_per_rank`` equal chunks, in model order (for interleaved / V placement)."""
-    return [c.split(stages_per_rank) for c in costs for _ in range(stages_per_rank)]
-
-
-def choose_schedule(costs: Sequence[StageCosts], num_microbatches: int, *, memory_budget: float | None = None,
-                    link: LinkCosts | None = None, recompute: str | float = "stage_aware",
-                    candidates: Sequence[str] | None = None) -> ScheduleChoice:
-    """Pick the schedule with the shortest simulated step that fits the memory budget.
-
-    ``costs`` are per pipeline rank (one stage each); two-stage-per-rank candidates get each stage split in
-    two. Candidates whose micro-batch rules fail, or that cannot fit the budget at any recompute ratio, are
-    skipped with the reason recorded. Raises ``MemoryBudgetError`` when none fits.
-    """
-    from lightning_merak.pipeline.recompute import MemoryBudgetError, resolve_ratios
-    from lightning_merak.pipeline.schedules import MULTI_STAGE_SCHEDULES, SCHEDULE_NAMES, make_schedule
-
-    costs = list(costs)
-    p = len(costs)
-    names = list(candidates or SCHEDULE_NAMES)
-    considered: list[tuple[str, str]] = []
-    best: tuple[float, str, Schedule, list[float], SimResult] | None = None
-    for name in names:
-        try:
-            sched = make_schedule(name, p, num_microbatches)
-        except ScheduleError as err:
-            considered.append((name, f"not applicable: {err}"))
-            continue
-        stage_costs = virtual_stage_costs(costs, 2) if name in MULTI_STAGE_SCHEDULES else costs
-        try:
-            ratios = resolve_ratios(recompute, sched, stage_costs, memory_budget, link=link)
-        except MemoryBudgetError as err:
-            considered.append((name, f"does not fit: {err}"))
-            continue
-        result = simulate(sched, with_ratios(stage_costs, ratios), link)
-        considered.append((name, f"step {result.makespan:.4g} s, bubble {result.bubble_fraction:.1%}, "
-                                 f"recompute ratios {[round(r, 3) for r in ratios]}"))
-        if best is None or result.makespan < best[0] - 1e-12:
-            best = (result.makespan, name, sched, ratios, result)
-    if best is None:
-        raise MemoryBudgetError("no pipeline schedule fits: " + "; ".join(f"{n}: {o}" for n, o in considered))
-    makespan, name, sched, ratios, result = best
-    others = [(n, o) for n, o in considered if n != name]
-    budget = "no memory budget" if memory_budget is None else f"budget {memory_budget:.4g} B per device"
-    reason = (f"{name}: shortest simulated step {makespan:.4g} s ({budget}, {num_microbatches} micro-batches, "
-              f"{p} stages); others: " + "; ".join(f"{n} {o}" for n, o in others))
-    return ScheduleChoice(name, sched, tuple(ratios), result, reason, tuple(considered))

@@ -28,9 +28,9 @@ import argparse
 from dataclasses import dataclass, field, replace
 
 from lightning_merak.config import parse_bytes
-from lightning_merak.pipeline.recompute import MemoryBudgetError, ratios_for_budget
-from lightning_merak.pipeline.schedules import make_schedule
-from lightning_merak.pipeline.simulate import LinkCosts, StageCosts, simulate, with_ratios
+from lightning_merak.pipeline.plan.recompute import MemoryBudgetError, ratios_for_budget
+from lightning_merak.pipeline.plan.schedules import make_schedule
+from lightning_merak.pipeline.plan.simulate import LinkCosts, StageCosts, simulate, with_ratios
 
 
 @dataclass(frozen=True)
@@ -226,11 +226,11 @@ def main_simulate(argv: list[str] | None = None) -> int:
               f"{f'{proj.no_recompute_step:.3f}' if proj.no_recompute_fits else 'OOM':>14}  "
               f"{[round(r, 2) for r in proj.merak_ratios]}")
         if args.trace and name == names[0]:
-            from lightning_merak.pipeline.timeline import write_chrome_trace
+            from lightning_merak.pipeline.plan.timeline import write_chrome_trace
 
             print(f"{'':<10} trace: {write_chrome_trace(proj.merak_timeline, args.trace, name=name)}")
         if args.gantt and name == names[0]:
-            from lightning_merak.pipeline.timeline import plot_gantt
+            from lightning_merak.pipeline.plan.timeline import plot_gantt
 
             print(f"{'':<10} gantt: {plot_gantt(proj.merak_timeline, args.gantt, title=f'{name}: shifted critical path')}")
         if args.verbose:

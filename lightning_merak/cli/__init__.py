@@ -37,16 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     if command == "consolidate":
         return _consolidate(rest)
     if command == "plan":
-        from lightning_merak.partition import main_plan
+        from lightning_merak.cli.plan_command import main_plan
 
         return main_plan(rest)
     if command == "simulate":
-        from lightning_merak.pipeline.projection import main_simulate
+        from lightning_merak.cli.projection import main_simulate
 
         return main_simulate(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
