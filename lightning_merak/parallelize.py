@@ -136,7 +136,6 @@ class PipelineCut:
 def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, example: tuple[tuple, dict],
                  config: MerakConfig, mesh: Any) -> PipelineCut:
     """Plan the stages on the proxy graph (the same plan on every rank: it is deterministic); keep this rank's."""
-    from lightning_merak.partition import PartitionError, plan_model
     from lightning_merak.pipeline.plan.schedules import make_schedule
     from lightning_merak.pipeline.stage import build_stages
 
@@ -144,13 +143,7 @@ def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, e
     placement = tuple(range(pp))
     if config.stages_per_rank > 1:
         placement = make_schedule(config.pipeline_schedule, pp, config.microbatches(pp)).stage_to_rank
-    try:
-        plan = plan_model(pipelined, example, len(placement), partition=config.partition)
-    except PartitionError as err:
-        if config.stages_per_rank == 1:
-            raise
-        raise MerakConfigError(f"this pipeline schedule places two stages on each pipeline rank, so "
-                               f"{type(pipelined).__name__} must be cut into {len(placement)} stages: {err}") from err
+    plan = plan_stages(pipelined, example, placement, config.partition)
     pp_rank = topology.local_rank(mesh, "pp")
     stages = build_stages(pipelined, plan, [s for s, r in enumerate(placement) if r == pp_rank])
     tied = tied_parameter_groups(lightning_module, path, plan, mesh, placement)
@@ -158,6 +151,20 @@ def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, e
     rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {len(placement)} stages"
                    f"{where}:\n{plan.table()}")
     return PipelineCut(plan, placement, stages, tied)
+
+
+def plan_stages(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], partition: Any) -> Any:
+    """The ``PartitionPlan`` for one stage per entry of ``placement``; a model too small for a two-stages-per-rank
+    placement is a configuration error naming the schedule's need."""
+    from lightning_merak.partition import PartitionError, plan_model
+
+    try:
+        return plan_model(pipelined, example, len(placement), partition=partition)
+    except PartitionError as err:
+        if len(set(placement)) == len(placement):
+            raise
+        raise MerakConfigError(f"this pipeline schedule places two stages on each pipeline rank, so "
+                               f"{type(pipelined).__name__} must be cut into {len(placement)} stages: {err}") from err
 
 
 def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any, placement: tuple[int, ...]

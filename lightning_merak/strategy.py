@@ -409,9 +409,9 @@ class MerakStrategy(ParallelStrategy):
         """End of a fit/validate/test/predict: report DELTA's ledger, free the engine's caches. The stage itself
         stays (the module is pruned to it), so a later validate/test with this Trainer reuses it."""
         if self._engine is not None:
-            report = self._engine.memory_report()
+            report = self._engine.memory_report(self.global_rank)
             if report is not None and self._first_of_stage():
-                print(f"rank {self.global_rank}: {report}", flush=True)
+                print(report, flush=True)
             self._engine.teardown()
         assert self.cluster_environment is not None and self.accelerator is not None
         self.cluster_environment.teardown()

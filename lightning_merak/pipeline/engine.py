@@ -80,8 +80,8 @@ class LocalEngine:
     def end_step(self, global_step: int) -> dict[str, float]:
         return self.delta.end_step() if self.delta is not None else {}
 
-    def memory_report(self) -> str | None:
-        return None if self.delta is None else f"DELTA memory ledger:\n{self.delta.ledger.summary_table()}"
+    def memory_report(self, rank: int) -> str | None:
+        return None if self.delta is None else f"DELTA memory ledger (rank {rank}):\n{self.delta.ledger.summary_table()}"
 
     def stage_of_parameters(self) -> dict[int, int] | None:
         return None
@@ -280,10 +280,10 @@ class PipelineEngine:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=group)
 
-    def memory_report(self) -> str | None:
+    def memory_report(self, rank: int) -> str | None:
         if self.delta is None:
             return None
-        return (f"DELTA memory ledger (pipeline stage {self.stage_modules[0].stage_index}):\n"
+        return (f"DELTA memory ledger (rank {rank}, pipeline stage {self.stage_modules[0].stage_index}):\n"
                 f"{self.delta.ledger.summary_table()}")
 
     def teardown(self) -> None:

@@ -99,8 +99,8 @@ def test_too_few_blocks_for_two_stages_per_rank():
     import torch
     from torch import nn
 
-    from lightning_merak.parallelize import apply_pipeline
+    from lightning_merak.parallelize import plan_stages
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 4))
     with pytest.raises(MerakConfigError, match="two stages on each pipeline rank, so Sequential must be cut into 8"):
-        apply_pipeline(model, ((torch.randn(2, 4),), {}), (0, 1, 2, 3, 3, 2, 1, 0), 0, "auto")
+        plan_stages(model, ((torch.randn(2, 4),), {}), (0, 1, 2, 3, 3, 2, 1, 0), "auto")
