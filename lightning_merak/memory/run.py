@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_merak.memory.planner import Plan
 from lightning_merak.memory.pools import Kept, Pool, Swapped
-from lightning_merak.memory.profiler import ForwardProfile, PoolInfo, SegmentInfo
+from lightning_merak.memory.profiler import ForwardProfile, PoolInfo, SegmentInfo, SegmentKey
 from lightning_merak.memory.replay import Replayed, ReplayScheduler, SegmentCall, tensors_in
 from lightning_merak.memory.swap import SwapTier
 
@@ -44,6 +45,16 @@ class Scheduler(ReplayScheduler, Protocol):
     def backward_started(self, run: ForwardRun) -> None: ...
 
 
+@dataclass(frozen=True)
+class Frame:
+    """A segment call still running in this forward: the saves made now belong to it."""
+
+    index: int  # the segment's position in the scheduler's segment tree
+    key: SegmentKey  # (index, call ordinal within the forward)
+    call: SegmentCall | None  # the recomputed call its saves go to: its own or an enclosing one's
+    info: SegmentInfo | None  # what is measured of the call, while profiling
+
+
 class ForwardRun:
     """State of one managed forward (several may be in flight: pipeline micro-batches)."""
 
@@ -56,13 +67,18 @@ class ForwardRun:
         self.profile: ForwardProfile | None = None
         self.pools: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.pack_count = 0
-        self.stack: list[tuple[int, tuple, SegmentCall | None, SegmentInfo | None]] = []
+        self.stack: list[Frame] = []
         self.segment_calls: dict[int, int] = {}
         self.pending_inputs: dict[int, list[SegmentInfo]] = {}
         self.swap_order: list[weakref.ref] = []
         self.cursor = 0
         self.backward_started = False
         self.hooks = saved_tensors_hooks(self.pack, lambda handle: handle.unpack() if not isinstance(handle, torch.Tensor) else handle)
+
+    @property
+    def top(self) -> Frame | None:
+        """The innermost segment call still running, if any."""
+        return self.stack[-1] if self.stack else None
 
     # -- plan ----------------------------------------------------------------------------------------
     def resolve(self) -> None:
@@ -83,8 +99,8 @@ class ForwardRun:
         self.resolve()
         self.pack_count += 1
         key = self.pack_count
-        top = self.stack[-1] if self.stack else None
-        call = top[2] if top else None
+        top = self.top
+        call = top.call if top else None
         index = -1
         if call is not None:
             index = call.n_packs
@@ -97,7 +113,7 @@ class ForwardRun:
             return t
         pool = self.pools.get(storage)
         if pool is not None:
-            here = top[1] if top else None
+            here = top.key if top else None
             if pool.info is not None and here != pool.info.segment and here not in pool.info.saved_again_in:
                 pool.info.saved_again_in.append(here)  # a replay frees it only if it holds every save
             if not pool.swapped:
@@ -112,11 +128,11 @@ class ForwardRun:
         pool = Pool(key, nbytes, sched.ledger, sched.tier_for(t.device) if swap else None)
         self.pools[storage] = pool
         if self.profile is not None:
-            pool.info = PoolInfo(key, nbytes, top[1] if top else None,
+            pool.info = PoolInfo(key, nbytes, top.key if top else None,
                                  time.perf_counter() - self.profile.swap_seconds,
                                  releasable=nbytes >= sched.min_swap_bytes)
             self.profile.pools[key] = pool.info
-            open_calls = {entry[1] for entry in self.stack}
+            open_calls = {frame.key for frame in self.stack}
             for seg in self.pending_inputs.pop(id(storage), ()):
                 if seg.key in open_calls:  # an input of a call still running, first saved inside it
                     seg.inner_input_keys.append(key)
@@ -155,13 +171,13 @@ class ForwardRun:
         ordinal = self.segment_calls.get(index, 0)
         self.segment_calls[index] = ordinal + 1
         key = (index, ordinal)
-        top = self.stack[-1] if self.stack else None
-        call = top[2] if top else None  # inside a call being recomputed, saves belong to that call
+        top = self.top
+        call = top.call if top else None  # inside a call being recomputed, saves belong to that call
         info = None
         if call is None and self.plan is not None and key in self.plan.recompute:
             call = SegmentCall(self, forward, module, args, kwargs)
         if self.profile is not None:
-            info = SegmentInfo(key, parent=top[1] if top else None)
+            info = SegmentInfo(key, parent=top.key if top else None)
             self.profile.segments[key] = info
             for t in tensors_in((args, kwargs)):
                 if type(t) is not torch.Tensor:
@@ -173,7 +189,7 @@ class ForwardRun:
                     self.pending_inputs.setdefault(id(t.untyped_storage()), []).append(info)
             self.sched.sync()
             swap0, t0 = self.profile.swap_seconds, time.perf_counter()
-        self.stack.append((index, key, call, info))
+        self.stack.append(Frame(index, key, call, info))
         try:
             return forward(*args, **kwargs)
         finally:

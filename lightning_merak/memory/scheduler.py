@@ -183,7 +183,7 @@ class DeltaScheduler:
 
         def managed(*args: Any, **kwargs: Any) -> Any:
             run = self._active[-1] if self._active else None
-            if run is None or not torch.is_grad_enabled() or (run.stack and run.stack[-1][0] == index):
+            if run is None or not torch.is_grad_enabled() or (run.top is not None and run.top.index == index):
                 return bound(*args, **kwargs)
             return run.call_segment(index, seg, bound, args, kwargs)
 
