@@ -20,9 +20,11 @@ import threading
 
 import torch
 
+from lightning_merak.units import format_bytes
+
 
 def _fmt(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+    return format_bytes(n, unit="MiB")  # one unit down a table's columns
 
 
 def process_peak_bytes(device: torch.device) -> int:

@@ -38,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from lightning_merak.memory.profiler import ForwardProfile, SegmentKey
+from lightning_merak.units import format_bytes
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Plan:
     def describe(self) -> str:
         return (
             f"swap {len(self.swap)} storages, recompute {len(self.recompute)} segment calls, "
-            f"predicted peak {self.predicted_peak / 2**20:.1f} MiB, "
+            f"predicted peak {format_bytes(self.predicted_peak)}, "
             f"predicted cost {self.exposed_seconds * 1e3:.1f} ms/step"
         )
 

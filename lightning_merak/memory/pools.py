@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from lightning_merak._compat import version_counter
 from lightning_merak.memory.ledger import MemoryLedger
 from lightning_merak.memory.profiler import ForwardProfile, PoolInfo
 from lightning_merak.memory.swap import SwapTier, storage_bytes
@@ -72,7 +73,7 @@ class Pool:
         if st.slot is not None:
             st.tier.release(st.slot)
         st.slot = st.tier.swap_out(storage_bytes(t.untyped_storage()))
-        self.version = t._version
+        self.version = version_counter(t)
 
     def prefetch(self) -> None:
         st = self.state

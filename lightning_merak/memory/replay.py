@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from lightning_merak._compat import version_counter
 from lightning_merak.memory.ledger import MemoryLedger
 from lightning_merak.memory.pools import Pool, Run
 
@@ -90,7 +91,7 @@ class SegmentCall:
             if torch.is_autocast_enabled(dev)
         ]
         self.input_pools = run.hold_inputs(tensors_in((args, kwargs)))
-        self.versions = [t._version for t in tensors_in((self.args, self.kwargs))]
+        self.versions = [version_counter(t) for t in tensors_in((self.args, self.kwargs))]
 
     def tensor(self, index: int) -> torch.Tensor:
         if self._tensors is None:
@@ -105,7 +106,7 @@ class SegmentCall:
         return t
 
     def _replay(self) -> None:
-        if [t._version for t in tensors_in((self.args, self.kwargs))] != self.versions:
+        if [version_counter(t) for t in tensors_in((self.args, self.kwargs))] != self.versions:
             raise RuntimeError(
                 f"DELTA: an input of {type(self.module).__name__} was modified in place after the call, so its "
                 "recomputation would differ; use memory_manager='none' or avoid the in-place op."

@@ -20,6 +20,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lightning_merak._compat import version_counter
 from lightning_merak.memory.planner import Plan
 from lightning_merak.memory.pools import Kept, Pool, Swapped
 from lightning_merak.memory.profiler import ForwardProfile, PoolInfo, SegmentInfo, SegmentKey
@@ -118,7 +119,7 @@ class ForwardRun:
                 pool.info.saved_again_in.append(here)  # a replay frees it only if it holds every save
             if not pool.swapped:
                 return Kept(t, pool, self)
-            if t._version != pool.version:  # written in place since it was swapped out
+            if version_counter(t) != pool.version:  # written in place since it was swapped out
                 self.timed_write(pool, t)
             return Swapped(t, pool, self)
         if call is not None:

@@ -24,22 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_merak._compat import local_shard
 from lightning_merak.config import MerakConfigError, parse_bytes
+from lightning_merak.intercept import ForwardWrap, wrap_forward
 from lightning_merak.memory.ledger import MemoryLedger
 from lightning_merak.memory.planner import Plan, minimum_allowance, plan_forward
 from lightning_merak.memory.profiler import ForwardProfile, segment_tree
-from lightning_merak.memory.replay import tensors_in
 from lightning_merak.memory.run import ForwardRun
 from lightning_merak.memory.swap import SwapTier, make_tier
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The plain tensor behind a parameter (a DTensor's local shard under tensor parallelism)."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _signature(args: tuple, kwargs: dict) -> tuple:
-    return tuple((tuple(t.shape), t.dtype) for t in tensors_in((args, kwargs)))
+from lightning_merak.trace import shape_signature
+from lightning_merak.units import format_bytes
 
 
 class DeltaScheduler:
@@ -77,9 +71,9 @@ class DeltaScheduler:
         self.swap_bandwidth = swap_bandwidth
         self.min_swap_bytes = min_swap_bytes
         self.prefetch_depth = prefetch_depth
-        params = {id(_local(p).untyped_storage()): _local(p).untyped_storage().nbytes() for p in module.parameters()}
+        params = {id(local_shard(p).untyped_storage()): local_shard(p).untyped_storage().nbytes() for p in module.parameters()}
         first = next(module.parameters(), None)
-        self.device = _local(first).device if first is not None else torch.device("cpu")
+        self.device = local_shard(first).device if first is not None else torch.device("cpu")
         self.ledger = MemoryLedger(budget, sum(params.values()), self.device)
         self.param_storages: set[int] = set()
         self.plans: dict[tuple | None, Plan] = {}
@@ -92,7 +86,7 @@ class DeltaScheduler:
         self._active: list[ForwardRun] = []
         self._checked = False
         self.segments = segment_tree(module)
-        self._originals: list[tuple[nn.Module, Any]] = []
+        self._wraps: list[ForwardWrap] = []
         for index, (_, seg) in enumerate(self.segments):
             self._wrap(index, seg)
         self._pre_hook = module.register_forward_pre_hook(self._on_module_call, with_kwargs=True)
@@ -165,12 +159,9 @@ class DeltaScheduler:
 
     def close(self) -> None:
         """Undo every hook and wrapper and free the swap tiers."""
-        for seg, original in self._originals:
-            if original is None:
-                del seg.forward
-            else:
-                seg.forward = original
-        self._originals = []
+        for wrap in self._wraps:
+            wrap.remove()
+        self._wraps = []
         self._pre_hook.remove()
         for tier in self._tiers.values():
             tier.close()
@@ -178,21 +169,21 @@ class DeltaScheduler:
 
     # -- internals -----------------------------------------------------------------------------------
     def _wrap(self, index: int, seg: nn.Module) -> None:
-        original = seg.__dict__.get("forward")
-        bound = seg.forward
+        """Segment calls go through the run (``intercept`` layer "memory": outside a pipeline stage's dispatch,
+        so a replay re-runs exactly what the stage ran)."""
+        def wrapper(inner: Any) -> Any:
+            def managed(*args: Any, **kwargs: Any) -> Any:
+                run = self._active[-1] if self._active else None
+                if run is None or not torch.is_grad_enabled() or (run.top is not None and run.top.index == index):
+                    return inner(*args, **kwargs)
+                return run.call_segment(index, seg, inner, args, kwargs)
+            return managed
 
-        def managed(*args: Any, **kwargs: Any) -> Any:
-            run = self._active[-1] if self._active else None
-            if run is None or not torch.is_grad_enabled() or (run.top is not None and run.top.index == index):
-                return bound(*args, **kwargs)
-            return run.call_segment(index, seg, bound, args, kwargs)
-
-        seg.forward = managed
-        self._originals.append((seg, original))
+        self._wraps.append(wrap_forward(seg, "memory", wrapper))
 
     def _on_module_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._active and self._active[-1].signature is None and not self._active[-1].resolved:
-            self._active[-1].signature = _signature(args, kwargs)
+            self._active[-1].signature = shape_signature(args, kwargs)
 
     def _auto_open(self) -> None:
         if torch.is_grad_enabled():
@@ -205,7 +196,7 @@ class DeltaScheduler:
     def _open(self) -> ForwardRun:
         if not self._active:
             tensors = list(self.module.parameters()) + list(self.module.buffers())
-            self.param_storages = {id(_local(t).untyped_storage()) for t in tensors}
+            self.param_storages = {id(local_shard(t).untyped_storage()) for t in tensors}
         run = ForwardRun(self)
         run.t_start = time.perf_counter()
         self._active.append(run)
@@ -239,8 +230,8 @@ class DeltaScheduler:
         minimum = 2 * self.ledger.param_bytes + need
         if self.ledger.budget_bytes < minimum:
             raise MerakConfigError(
-                f"memory_budget={self.ledger.budget_bytes} bytes ({self.ledger.budget_bytes / 2**30:.3f} GiB) is "
-                f"below the minimum of {minimum} bytes ({minimum / 2**30:.3f} GiB): parameters and gradients "
+                f"memory_budget={self.ledger.budget_bytes} bytes ({format_bytes(self.ledger.budget_bytes)}) is "
+                f"below the minimum of {minimum} bytes ({format_bytes(minimum)}): parameters and gradients "
                 f"need {2 * self.ledger.param_bytes} bytes and the largest layer's saved tensors {need} bytes "
                 f"at once in backward. Raise memory_budget to at least {minimum} or use a smaller batch."
             )

@@ -26,8 +26,8 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
 from lightning_merak.pipeline.plan.choose import ScheduleDecision
-from lightning_merak.pipeline.stage import shape_signature
 from lightning_merak.pipeline.takeover import StageRunner, capture_model_call, redirect_forward, split_batch
+from lightning_merak.trace import shape_signature
 from lightning_merak.units import format_bytes
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_merak._compat import strip_module_state, tree_flatten, tree_map
 from lightning_merak.intercept import wrap_forward
 from lightning_merak.partition.plan import PartitionPlan, first_read_after
-from lightning_merak.trace import Capture, capture, meta_twin
+from lightning_merak.trace import Capture, capture, meta_twin, shape_signature
 
 
 class _Stop(Exception):
@@ -160,13 +160,6 @@ class StageModule(nn.Module):
             raise RuntimeError(f"stage {self.stage_index} finished the forward without reaching the next stage: "
                                f"{sum(v is None for v in sent['sent'])} boundary tensors were never produced")
         return out
-
-
-def shape_signature(args: tuple, kwargs: dict) -> tuple:
-    """Shapes and dtypes of every tensor a micro-batch feeds the model (other leaves by value): one proxy capture,
-    and one PipelineStage, per signature."""
-    leaves = tree_flatten((args, kwargs))[0]
-    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
 
 
 class _Units:

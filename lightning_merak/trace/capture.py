@@ -243,3 +243,14 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
     result.tensors = {k: dict(v, taint=cap.taint_of(cap.alive[k])) for k, v in cap.info.items()}
     result.first_call = [next((c.index for c in cap.calls if c.unit == u), -1) for u in range(len(units))]
     return result
+
+
+_BY_VALUE = (int, float, bool, str, type(None))
+
+
+def shape_signature(args: tuple, kwargs: dict) -> tuple:
+    """Shapes and dtypes of every tensor in a call (plain leaves by value, other objects by type): caches keyed
+    per input shape — a proxy capture and a PipelineStage per signature, a DELTA plan per signature."""
+    leaves = tree_flatten((args, kwargs))[0]
+    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor)
+                 else (t if isinstance(t, _BY_VALUE) else type(t).__name__) for t in leaves)
