@@ -182,8 +182,14 @@ def strip_module_state(unit: torch.nn.Module) -> None:
 
 
 def parameter_slots(module: torch.nn.Module) -> dict:
-    """A module's own registered parameters by attribute name (nn.Module's private store; None slots too)."""
+    """A module's own registered parameters by attribute name (nn.Module's private store; None slots too).
+    Assigning into it replaces a parameter without re-registering (materialisation, re-tying)."""
     return module._parameters
+
+
+def buffer_slots(module: torch.nn.Module) -> dict:
+    """A module's own registered buffers by attribute name (nn.Module's private store)."""
+    return module._buffers
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
@@ -203,4 +209,4 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
 
 
-__all__ += ["strip_module_state", "parameter_slots", "local_shard", "version_counter", "unwrap_optimizer"]
+__all__ += ["strip_module_state", "parameter_slots", "buffer_slots", "local_shard", "version_counter", "unwrap_optimizer"]

@@ -2,17 +2,20 @@
 
 ``build_engine`` reads in order (torchtitan style, one function per step, each gated once):
 
-1. find the pipelined module;
+1. find the pipelined module, and materialise what lies outside it (replicated on every rank);
 2. example inputs: the pipelined module's arguments for one micro-batch of the first batch;
-3. tensor-parallel plan, detected on the whole module (which layer feeds which needs the whole flow);
+3. tensor-parallel plan, detected on a meta twin of the whole module (which layer feeds which needs the flow);
 4. cut: plan the stages on the proxy graph and prune this rank's copy to its stages;
-5. apply TP to what the cut left (only local weights are sharded);
-6. schedule and recompute: ``AutoSchedule`` decides, the stages checkpoint their share;
-7. memory manager (DELTA) over what is left;
-8. RNG streams;
-9. the engine: ``PipelineEngine`` for pp > 1, ``LocalEngine`` otherwise.
+5. materialise: only this rank's tensors get memory on its device (``materialize``), tied copies made equal;
+6. apply TP to what the cut left (only local weights are sharded);
+7. schedule and recompute: ``AutoSchedule`` decides, the stages checkpoint their share;
+8. memory manager (DELTA) over what is left;
+9. RNG streams;
+10. the engine: ``PipelineEngine`` for pp > 1, ``LocalEngine`` otherwise.
 
-Inputs are explicit (module, first batch, config, mesh, device); nothing here holds the strategy or the Trainer.
+Nothing moves to the device before step 5, so no rank ever holds another stage's weights there; a model built on
+the meta device (``configure_model``, ``init_module(empty_init=True)``) is planned on meta. Inputs are explicit
+(module, first batch, config, mesh, device); nothing here holds the strategy or the Trainer.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_merak import topology
-from lightning_merak._compat import BATCH_NORM_TYPES
+from lightning_merak._compat import BATCH_NORM_TYPES, local_shard, tree_map
 from lightning_merak.config import MerakConfig, MerakConfigError
+from lightning_merak.materialize import materialize
 from lightning_merak.pipeline.takeover import PipelineInputError, capture_model_call, split_batch
+from lightning_merak.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +51,19 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     """
     pp, tp = topology.size(mesh, "pp"), topology.size(mesh, "tp")
     path, pipelined = find_pipelined_module(lightning_module, config.pipeline_module)
+    seed = init_seed()
+    full_bytes = sum(p.numel() * p.element_size() for p in lightning_module.parameters())
+    outside = materialize(lightning_module, device, seed, skip=pipelined)
     num_microbatches = config.microbatches(pp)
     example = example_inputs(lightning_module, pipelined, batch, step_name, num_microbatches)
     warn_batch_coupled(pipelined, pp)
     tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None
-    cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh) if pp > 1 else None
+    cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh, device) if pp > 1 else None
+    local = materialize(pipelined, device, seed, prefix=path)
+    report_materialized(outside.total_bytes + local.total_bytes, full_bytes, local.initialized_bytes > 0)
+    if cut is not None:
+        cut.tied = tied_parameter_groups(lightning_module, path, cut.plan, mesh, cut.placement)
+        equalize_tied_copies(cut.tied)
     if tp_plan is not None:
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     auto = choose_schedule(cut, config, pp, num_microbatches) if cut is not None else None
@@ -84,6 +97,25 @@ def find_pipelined_module(lightning_module: nn.Module, path: str) -> tuple[str, 
     return max(children, key=lambda nc: sum(p.numel() for p in nc[1].parameters()))
 
 
+def init_seed() -> int:
+    """One seed on every rank for the init of meta-built modules (Lightning's seed, else torch's)."""
+    seed = [int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(seed, src=0)
+    return seed[0]
+
+
+def report_materialized(local_bytes: int, full_bytes: int, initialized: bool) -> None:
+    """Log every rank's parameter and buffer bytes on its device against the whole model's parameters."""
+    per_rank = [local_bytes]
+    if dist.is_initialized():
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, local_bytes)
+    how = "initialised from the meta device" if initialized else "moved"
+    rank_zero_info(f"Merak materialised per rank ({how}): " + ", ".join(format_bytes(b) for b in per_rank)
+                   + f" of the model's {format_bytes(full_bytes)} of parameters")
+
+
 def example_inputs(lightning_module: Any, pipelined: nn.Module, batch: Any, step_name: str,
                    num_microbatches: int) -> tuple[tuple, dict]:
     """The pipelined module's arguments for one micro-batch of ``batch`` (the whole batch when nothing is split:
@@ -106,12 +138,15 @@ def warn_batch_coupled(pipelined: nn.Module, pp: int) -> None:
             return
 
 
-# ---------------------------------------------------------------------------------------------- 3, 5
+# ---------------------------------------------------------------------------------------------- 3, 6
 def tensor_parallel_plan(pipelined: nn.Module, example: tuple[tuple, dict], tp: int) -> Any:
     """Which module gets which TP style, detected on the whole module before any stage is cut out of it."""
     from lightning_merak.tensor_parallel import tp_plan_for
+    from lightning_merak.trace import meta_twin
 
-    tp_plan = tp_plan_for(pipelined, tp, example)
+    # on a meta twin: the module may be meta-built, or on the CPU while the example is on the device
+    to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    tp_plan = tp_plan_for(meta_twin(pipelined), tp, tree_map(to_meta, example))
     rank_zero_info(f"Merak tensor-parallel plan:\n{tp_plan.table()}")
     return tp_plan
 
@@ -130,11 +165,11 @@ class PipelineCut:
     plan: Any  # PartitionPlan over every stage
     placement: tuple[int, ...]  # pipeline rank of each stage
     stages: list[Any]  # this rank's StageModules, in stage order
-    tied: list[tuple[Any, list, bool]]  # tied-weight groups (see tied_parameter_groups)
+    tied: list[tuple[Any, list, bool]]  # tied-weight groups (see tied_parameter_groups), once materialised
 
 
 def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, example: tuple[tuple, dict],
-                 config: MerakConfig, mesh: Any) -> PipelineCut:
+                 config: MerakConfig, mesh: Any, device: torch.device) -> PipelineCut:
     """Plan the stages on the proxy graph (the same plan on every rank: it is deterministic); keep this rank's."""
     from lightning_merak.pipeline.plan.schedules import make_schedule
     from lightning_merak.pipeline.stage import build_stages
@@ -145,12 +180,11 @@ def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, e
         placement = make_schedule(config.pipeline_schedule, pp, config.microbatches(pp)).stage_to_rank
     plan = plan_stages(pipelined, example, placement, config.partition)
     pp_rank = topology.local_rank(mesh, "pp")
-    stages = build_stages(pipelined, plan, [s for s, r in enumerate(placement) if r == pp_rank])
-    tied = tied_parameter_groups(lightning_module, path, plan, mesh, placement)
+    stages = build_stages(pipelined, plan, [s for s, r in enumerate(placement) if r == pp_rank], device)
     where = "" if len(placement) == pp else f" (pipeline rank of each stage: {list(placement)})"
     rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {len(placement)} stages"
                    f"{where}:\n{plan.table()}")
-    return PipelineCut(plan, placement, stages, tied)
+    return PipelineCut(plan, placement, stages, [])
 
 
 def plan_stages(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], partition: Any) -> Any:
@@ -201,7 +235,16 @@ def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mes
     return groups
 
 
-# ---------------------------------------------------------------------------------------------- 6
+def equalize_tied_copies(tied: list[tuple[Any, list, bool]]) -> None:
+    """Copies of a tied weight on several pipeline ranks start equal: the first stage's copy is sent to the others
+    (a meta-built model initialised each copy under its own module's seed)."""
+    with torch.no_grad():
+        for group, params, _ in tied:
+            for p in params:
+                dist.broadcast(local_shard(p), src=dist.get_global_rank(group, 0), group=group)
+
+
+# ---------------------------------------------------------------------------------------------- 7
 def choose_schedule(cut: PipelineCut, config: MerakConfig, pp: int, num_microbatches: int) -> Any:
     """The schedule and each stage's recompute ratio (``AutoSchedule``); the stages checkpoint their share."""
     from lightning_merak.pipeline.plan.choose import AutoSchedule
@@ -216,7 +259,7 @@ def choose_schedule(cut: PipelineCut, config: MerakConfig, pp: int, num_microbat
     return auto
 
 
-# ---------------------------------------------------------------------------------------------- 7, 8
+# ---------------------------------------------------------------------------------------------- 8, 9
 def apply_memory_manager(pipelined: nn.Module, config: MerakConfig) -> Any:
     """DELTA over this rank's part of the module (after pruning: only owned blocks become segments)."""
     from lightning_merak.memory import DeltaScheduler
@@ -243,9 +286,6 @@ def microbatch_rng(lightning_module: nn.Module, pipelined: nn.Module, mesh: Any,
     """Micro-batch RNG streams over the whole LightningModule, with one seed on every rank."""
     from lightning_merak.rng import MicrobatchRNG
 
-    seed = [int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))]
-    if dist.is_initialized():
-        dist.broadcast_object_list(seed, src=0)
     # the pipelined module is entered twice on a pipeline's last stage (the user's call, then the stage's)
-    return MicrobatchRNG(lightning_module, seed[0], device, skip=[pipelined],
+    return MicrobatchRNG(lightning_module, init_seed(), device, skip=[pipelined],
                          data_parallel=(topology.size(mesh, "dp"), topology.local_rank(mesh, "dp")))

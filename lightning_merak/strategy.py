@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import random
 import socket
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
@@ -209,8 +210,8 @@ class MerakStrategy(ParallelStrategy):
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         if self._engine is None:  # once: validate/test after fit reuse this rank's stage
+            # nothing moves to the device before the cut: the recipe materialises only this rank's part
             self.model = self.precision_plugin.convert_module(self.model)
-            self.model_to_device()
             self._engine = self._build_engine(trainer)
             topology.broadcast_module(self.lightning_module, topology.group(self._device_mesh, "dp"),
                                       topology.size(self._device_mesh, "dp"))
@@ -255,8 +256,26 @@ class MerakStrategy(ParallelStrategy):
                 make_optimizer_checkpointable(optimizer)
 
     def model_to_device(self) -> None:
-        assert self.model is not None
-        self.model.to(self.root_device)
+        """Only this rank's part is ever on the device; ``setup`` puts it there (``parallelize.build_engine``)."""
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        """``configure_model()`` and ``trainer.init_module()`` build on the meta device (``empty_init=False``: on
+        the CPU); ``setup`` materialises only this rank's tensors after the cut, with each module's own init."""
+        device = torch.device("cpu") if empty_init is False else torch.device("meta")
+        module = self.lightning_module
+        before = {id(t) for t in _tensors(module)} if module is not None else None
+        with device, self.precision_plugin.tensor_init_context():
+            yield
+        if before is not None:  # configure_model: what it made must be where it was asked to be made
+            placed = [(n, t.device) for n, t in _named_tensors(module) if id(t) not in before and t.device != device]
+            if placed:
+                name, where = placed[0]
+                raise MerakConfigError(
+                    f"configure_model() created `{name}` on {where}, but under MerakStrategy it runs on the "
+                    f"{device.type} device: the strategy cuts the model first and then materialises only this "
+                    "rank's part on its device. Build the model without device= or .to(...) in configure_model()."
+                )
 
     def _clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
         """Clip by the global norm over the whole model (all stages and shards), not the local one."""
@@ -417,6 +436,14 @@ class MerakStrategy(ParallelStrategy):
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
+
+
+def _named_tensors(module: Any) -> list[tuple[str, Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+def _tensors(module: Any) -> list[Tensor]:
+    return [t for _, t in _named_tensors(module)]
 
 
 STEP_FOR = {TrainerFn.FITTING: "training_step", TrainerFn.VALIDATING: "validation_step",

@@ -43,7 +43,8 @@ class StageModule(nn.Module):
     per input-shape signature.
     """
 
-    def __init__(self, module: nn.Module, plan: PartitionPlan, stage_index: int, units: _Units) -> None:
+    def __init__(self, module: nn.Module, plan: PartitionPlan, stage_index: int, units: _Units,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.stage_index = stage_index
         self.num_stages = len(plan.stages)
@@ -60,7 +61,8 @@ class StageModule(nn.Module):
         self.recv_at = {first_read_after(cap, key, k_in): i for i, key in enumerate(self.recv_keys)}
         k_out = st.first + len(st.units)
         self.send_at = {first_read_after(cap, key, k_out): i for i, key in enumerate(self.send_keys)}
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if device is None:  # where this stage's parameters are (a meta-built module: pass the device)
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
         object.__setattr__(self, "device", device)
         self._signatures: dict[tuple, Capture] = {}
         self._hooks = [module.get_submodule(name).register_forward_pre_hook(self._pre_hook(u), with_kwargs=True)
@@ -205,14 +207,15 @@ class _Units:
         self._wraps = []
 
 
-def build_stages(module: nn.Module, plan: PartitionPlan, stage_indices: list[int]) -> list[StageModule]:
+def build_stages(module: nn.Module, plan: PartitionPlan, stage_indices: list[int],
+                 device: torch.device | None = None) -> list[StageModule]:
     """Prune ``module`` in place to the stages ``stage_indices`` of ``plan`` (this rank's) and wrap each. Weights
     tied across stages (``plan.tied``) stay on every stage that uses them; their gradients must be all-reduced
     between the ranks holding them."""
     local = {u for i in stage_indices
              for u in range(plan.stages[i].first, plan.stages[i].first + len(plan.stages[i].units))}
     units = _Units(module, plan, local)
-    return [StageModule(module, plan, i, units) for i in stage_indices]
+    return [StageModule(module, plan, i, units, device) for i in stage_indices]
 
 
 def build_stage(module: nn.Module, plan: PartitionPlan, stage_index: int) -> StageModule:

@@ -1,0 +1,168 @@
+"""Local-only materialisation: this rank's tensors get memory on its device, nobody else's.
+
+A model built in ``configure_model()`` or under ``trainer.init_module(empty_init=True)`` lives on the meta device
+until it is cut; an eagerly built one lives on the CPU. After the cut the pruned module holds only this rank's
+parameters and buffers, and ``materialize`` gives each meta tensor real memory on the device and the init of
+the module that owns it:
+
+- a transformers model's own ``_init_weights`` (rotary tables and norms included), else the module's
+  ``reset_parameters()``; anything neither covers is an error naming the module, never uninitialised memory
+  (new tensors are filled with NaN first, so "not written" can be seen);
+- the generators are seeded per module *name* before its init, so every rank holding a copy of a module (data
+  parallel replicas, tensor-parallel ranks before sharding) computes the same values as one process would;
+- a parameter shared by two modules (tied weights) is initialised once, by the first module in registration
+  order, as in one process; copies of a tie on other pipeline ranks are made equal by the build recipe.
+
+CPU tensors are moved, one at a time, so the device never holds more than this rank's part.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_merak._compat import buffer_slots, parameter_slots
+from lightning_merak.rng import mix
+
+
+class MaterializationError(RuntimeError):
+    """A meta-built module cannot be given real values; the message names the module and what to do."""
+
+
+@dataclass
+class Materialized:
+    """What ``materialize`` did on this rank."""
+
+    initialized_bytes: int = 0  # meta tensors given memory and their module's init
+    moved_bytes: int = 0  # real tensors moved to the device
+
+    @property
+    def total_bytes(self) -> int:
+        return self.initialized_bytes + self.moved_bytes
+
+
+def has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in _tensors(module))
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [t for t in list(module.parameters()) + list(module.buffers()) if t is not None]
+
+
+def materialize(module: nn.Module, device: torch.device, seed: int, *, skip: nn.Module | None = None,
+                prefix: str = "") -> Materialized:
+    """Give ``module``'s registered meta tensors memory on ``device`` and their own init; move the rest there.
+
+    ``skip``: a submodule left as it is (the pipelined module, materialised after the cut). ``prefix``: the name
+    of ``module`` inside the LightningModule, so seeds follow full names whatever the root.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # seeding per module must not shift the run's randomness
+        return _materialize(module, device, seed, skip, prefix)
+
+
+def _materialize(module: nn.Module, device: torch.device, seed: int, skip: nn.Module | None,
+                 prefix: str) -> Materialized:
+    done = Materialized()
+    new: dict[int, torch.Tensor] = {}  # id(old tensor) -> its replacement: a tie keeps one object
+    owners = _hf_owners(module)
+    skipped = {id(m) for m in skip.modules()} if skip is not None else set()
+    initialized: set[int] = set()
+    for name, sub in module.named_modules(prefix=prefix):
+        if id(sub) in skipped:
+            continue
+        fresh = []
+        for slots in (parameter_slots(sub), buffer_slots(sub)):
+            for key, t in list(slots.items()):
+                if t is None:
+                    continue
+                if id(t) in new:
+                    slots[key] = new[id(t)]
+                    continue
+                if t.is_meta:
+                    replacement = _empty_like(t, device)
+                    fresh.append((key, replacement))
+                    done.initialized_bytes += t.numel() * t.element_size()
+                elif t.device != device:
+                    replacement = _moved(t, device)
+                    done.moved_bytes += t.numel() * t.element_size()
+                else:
+                    continue
+                new[id(t)] = slots[key] = replacement
+        if fresh:
+            _initialize(name, sub, fresh, owners, seed, device, initialized)
+    return done
+
+
+def _empty_like(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    value = torch.empty(t.shape, dtype=t.dtype, device=device)
+    value.fill_(float("nan") if value.is_floating_point() else _UNSET_INT)
+    return nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+
+
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    value = t.detach().to(device)
+    return nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+
+
+_UNSET_INT = -(2**31) + 7  # an integer buffer no init writes (position ids, counters are small and positive)
+
+
+def _hf_owners(module: nn.Module) -> dict[int, nn.Module]:
+    """id(submodule) -> the innermost transformers ``PreTrainedModel`` containing it (its init applies)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # transformers is a dependency, but a module can be initialised without it
+        return {}
+    owners: dict[int, nn.Module] = {}
+
+    def walk(m: nn.Module, owner: nn.Module | None) -> None:
+        owner = m if isinstance(m, PreTrainedModel) else owner
+        if owner is not None:
+            owners[id(m)] = owner
+        for child in m.children():
+            walk(child, owner)
+
+    walk(module, None)
+    return owners
+
+
+def _initialize(name: str, sub: nn.Module, fresh: list[tuple[str, torch.Tensor]], owners: dict[int, nn.Module],
+                seed: int, device: torch.device, initialized: set[int]) -> None:
+    """Run ``sub``'s own init under a seed of its name; values of tensors another module already initialised
+    (a tie) are kept; every fresh tensor must have been written."""
+    kept = [(t, t.detach().clone()) for t in _own_tensors(sub) if id(t) in initialized]
+    _seed(mix(seed, zlib.crc32(name.encode())), device)
+    with torch.no_grad():
+        owner = owners.get(id(sub))
+        if owner is not None:
+            owner._init_weights(sub)
+        elif callable(getattr(sub, "reset_parameters", None)):
+            sub.reset_parameters()
+        for t, value in kept:
+            t.copy_(value)
+    for key, t in fresh:
+        unset = torch.isnan(t).any() if t.is_floating_point() else (t == _UNSET_INT).any()
+        if bool(unset):
+            how = (f"its transformers model's _init_weights ({type(owners[id(sub)]).__name__}) does not set it"
+                   if id(sub) in owners else "it has no reset_parameters()")
+            raise MaterializationError(
+                f"`{name}` ({type(sub).__name__}) was built on the meta device, but `{key}` got no values: {how}. "
+                "Give the module a reset_parameters() that sets every parameter and buffer, or build that part "
+                "of the model outside configure_model()/init_module(empty_init=True) (then it is moved, not "
+                "initialised)."
+            )
+        initialized.add(id(t))
+
+
+def _own_tensors(sub: nn.Module) -> list[torch.Tensor]:
+    return [t for t in list(parameter_slots(sub).values()) + list(buffer_slots(sub).values()) if t is not None]
+
+
+def _seed(value: int, device: torch.device) -> None:
+    torch.manual_seed(value)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(value)
