@@ -117,14 +117,20 @@ class _Base(pl.LightningModule):
 
 
 class HFModule(_Base):
-    """HF style: ``loss = self.model(**batch).loss``."""
+    """HF style: ``loss = self.model(**batch).loss``. ``build="configure_model"``: the model is made in
+    ``configure_model()`` (Lightning's large-model hook) instead of ``__init__``."""
 
     def __init__(self, name: str = "gpt2", lr: float = 0.1, batch_size: int = 8, n: int = 32,
-                 variable_length: bool = False, dropout: float = 0.0, momentum: float = 0.0) -> None:
+                 variable_length: bool = False, dropout: float = 0.0, momentum: float = 0.0,
+                 build: str = "eager") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_hf(name, dropout)
+        self.model = build_hf(name, dropout) if build == "eager" else None
         self.step_losses: list[float] = []
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = build_hf(self.hparams.name, self.hparams.dropout)
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss

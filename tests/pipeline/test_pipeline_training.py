@@ -17,9 +17,10 @@ ATOL = 1e-5
 
 def run_merak(tmp_path, model: str, devices: int, strategy: dict, steps: int = 3, module: dict | None = None,
               trainer: dict | None = None, predict: bool = False, callbacks: dict | None = None,
-              ckpt_path: str | None = None) -> list[dict]:
+              ckpt_path: str | None = None, init_module: bool = False) -> list[dict]:
     cfg = {"model": model, "devices": devices, "steps": steps, "strategy": strategy, "module": module or {},
-           "trainer": trainer or {}, "predict": predict, "callbacks": callbacks or {}, "ckpt_path": ckpt_path}
+           "trainer": trainer or {}, "predict": predict, "callbacks": callbacks or {}, "ckpt_path": ckpt_path,
+           "init_module": init_module}
     tmp_path.mkdir(parents=True, exist_ok=True)
     output = check_script(REPO / "tests/scripts/pipeline_fit.py", str(tmp_path), json.dumps(cfg), timeout=300)
     (tmp_path / "output.txt").write_text(output)

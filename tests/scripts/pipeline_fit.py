@@ -3,7 +3,8 @@
 usage: python tests/scripts/pipeline_fit.py OUT_DIR CONFIG_JSON
 CONFIG_JSON: {"model": "gpt2", "devices": 2, "steps": 3, "strategy": {...MerakStrategy kwargs...},
               "module": {...module kwargs...}, "trainer": {...Trainer kwargs...}, "predict": false,
-              "callbacks": {"ModelCheckpoint": {...}, "EarlyStopping": {...}}, "ckpt_path": null}
+              "callbacks": {"ModelCheckpoint": {...}, "EarlyStopping": {...}}, "ckpt_path": null,
+              "init_module": false (build the module under trainer.init_module(empty_init=True))}
 """
 
 import datetime
@@ -31,7 +32,6 @@ class RecordLoss(pl.Callback):
 if __name__ == "__main__":
     out, cfg = Path(sys.argv[1]), json.loads(sys.argv[2])
     torch.set_num_threads(1)
-    module = make_module(cfg["model"], **cfg.get("module", {}))
     strategy = MerakStrategy(timeout=datetime.timedelta(seconds=90), **cfg.get("strategy", {}))
     rec = RecordLoss()
     trainer_kwargs = dict(accelerator="cpu", devices=cfg.get("devices", 2), strategy=strategy, logger=False,
@@ -43,14 +43,24 @@ if __name__ == "__main__":
     if extra and "enable_checkpointing" not in cfg.get("trainer", {}):
         trainer_kwargs["enable_checkpointing"] = any(isinstance(c, pl_callbacks.ModelCheckpoint) for c in extra)
     trainer = pl.Trainer(**trainer_kwargs)
+    if cfg.get("init_module"):
+        with trainer.init_module(empty_init=True):
+            module = make_module(cfg["model"], **cfg.get("module", {}))
+        assert all(p.is_meta for p in module.parameters())
+    else:
+        module = make_module(cfg["model"], **cfg.get("module", {}))
     trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
     # tensor-parallel shards are DTensors: gather them (collective within the tp group, same order everywhere)
     params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
               for k, v in module.state_dict().items()}
     result = {"losses": rec.losses, "params": params,
               "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
               "progress_bar_metrics": {k: float(v) for k, v in trainer.progress_bar_metrics.items()},
-              "global_step": trainer.global_step, "current_epoch": trainer.current_epoch}
+              "global_step": trainer.global_step, "current_epoch": trainer.current_epoch,
+              "local_param_bytes": sum(p.numel() * p.element_size() for p in local),
+              "local_param_names": sorted(n for n, _ in module.named_parameters()),
+              "meta_tensors": sum(t.is_meta for t in [*module.parameters(), *module.buffers()])}
     for cb in extra:
         if isinstance(cb, pl_callbacks.EarlyStopping):
             result["stopped_epoch"] = cb.stopped_epoch

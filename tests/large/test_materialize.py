@@ -1,0 +1,96 @@
+"""Large models: built on meta, only this rank's part materialised, each module's own init (issue 11)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_merak.materialize import MaterializationError, materialize
+from tests.helpers.pipeline_models import build_hf
+from tests.pipeline.test_pipeline_training import assert_matches, run_merak, run_reference
+
+
+def _meta(name: str) -> nn.Module:
+    with torch.device("meta"):
+        return build_hf(name)
+
+
+def test_meta_gpt2_gets_its_own_init_once_per_tie_and_the_same_values_for_the_same_seed():
+    a, b = _meta("gpt2_tied"), _meta("gpt2_tied")
+    done = materialize(a, torch.device("cpu"), seed=3)
+    materialize(b, torch.device("cpu"), seed=3)
+    assert done.initialized_bytes == sum(p.numel() * 4 for p in a.parameters()) + sum(
+        t.numel() * t.element_size() for t in a.buffers())
+    assert a.lm_head.weight is a.transformer.wte.weight  # the tie survives: one tensor, initialised once
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert not p.is_meta and torch.isfinite(p).all(), name
+        assert torch.equal(p, q), name  # same seed, same values: every copy on every rank agrees
+    assert float(a.transformer.h[0].attn.c_attn.weight.detach().std()) == pytest.approx(0.02, rel=0.2)  # HF's init, not NaN
+    assert torch.equal(a.transformer.ln_f.weight, torch.ones(32))
+    c = _meta("gpt2_tied")
+    materialize(c, torch.device("cpu"), seed=4)
+    assert not torch.equal(c.transformer.wte.weight, a.transformer.wte.weight)
+
+
+def test_meta_llama_rotary_tables_equal_the_eager_ones():
+    eager, meta = build_hf("llama"), _meta("llama")
+    materialize(meta, torch.device("cpu"), seed=0)
+    for (name, t), (_, u) in zip(eager.named_buffers(), meta.named_buffers(), strict=True):
+        assert torch.equal(t, u), name  # buffers computed in __init__ are recomputed by the model's init
+
+
+def test_a_parameter_no_init_covers_is_an_error_naming_the_module():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(4))
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), Scale())
+    with pytest.raises(MaterializationError, match=r"`1` \(Scale\) .* `gain` got no values: it has no reset_parameters"):
+        materialize(model, torch.device("cpu"), seed=0)
+
+
+def test_real_tensors_are_moved_not_reinitialised():
+    model = nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    done = materialize(model, torch.device("cpu"), seed=0)
+    assert done.initialized_bytes == 0 and torch.equal(model.weight, before)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("model, devices, strategy", [
+    ("gpt2_tied", 2, {"pipeline_parallel_size": 2}),
+    ("llama", 4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}),
+])
+def test_configure_model_on_meta_materialises_only_the_local_part(tmp_path, model, devices, strategy):
+    """The model is made in configure_model (pp=2, and pp=2 x tp=2 for Llama): no rank holds all of it, the
+    losses equal one process building the same way (the same seeded init), and the first loss is within 2 % of
+    an eagerly initialised one-process run."""
+    strategy = {"pipeline_schedule": "1f1b", "recompute": "none", **strategy}
+    module = {"build": "configure_model"}
+    ranks = run_merak(tmp_path / "pp", model, devices, strategy, module=module)
+    one = run_merak(tmp_path / "one", model, 1, {}, module=module)[0]
+    assert one["meta_tensors"] == 0 and all(r["meta_tensors"] == 0 for r in ranks)
+    full = one["local_param_bytes"]
+    names = set(one["local_param_names"])
+    held = set().union(*(r["local_param_names"] for r in ranks))
+    assert names <= held and held - names <= {"model.lm_head.weight"}  # nothing lost (a tie is listed once in one)
+    for r in ranks:
+        assert r["local_param_bytes"] <= 0.75 * full, (r["local_param_bytes"], full)  # never the whole model
+    if devices == 2:  # two stages: only the tied embedding is on both
+        shared = set(ranks[0]["local_param_names"]) & set(ranks[1]["local_param_names"])
+        assert shared <= {"model.transformer.wte.weight", "model.lm_head.weight"}, shared
+    assert_matches(ranks, {"losses": one["losses"], "params": one["params"]})
+    eager = run_reference(model)
+    assert one["losses"][0] == pytest.approx(eager["losses"][0], rel=0.02)
+
+
+@pytest.mark.multiprocess
+def test_init_module_empty_init_builds_on_meta(tmp_path):
+    ranks = run_merak(tmp_path, "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b"}, steps=2)
+    meta = run_merak(tmp_path / "meta", "gpt2", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b"},
+                     steps=2, init_module=True)
+    assert all(r["meta_tensors"] == 0 for r in meta)
+    assert meta[0]["losses"][0] == pytest.approx(ranks[0]["losses"][0], rel=0.02)
