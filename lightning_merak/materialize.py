@@ -5,7 +5,9 @@ until it is cut; an eagerly built one lives on the CPU. After the cut the pruned
 parameters and buffers, and ``materialize`` gives each meta tensor real memory on the device and the init of
 the module that owns it:
 
-- a transformers model's own ``_init_weights`` (rotary tables and norms included), else the module's
+- the tensors of the checkpoint folder the model came from (``from_pretrained`` in ``configure_model``, see
+  ``pretrained``), read one by one: only this rank's;
+- else a transformers model's own ``_init_weights`` (rotary tables and norms included), else the module's
   ``reset_parameters()``; anything neither covers is an error naming the module, never uninitialised memory
   (new tensors are filled with NaN first, so "not written" can be seen);
 - the generators are seeded per module *name* before its init, so every rank holding a copy of a module (data
@@ -19,12 +21,13 @@ CPU tensors are moved, one at a time, so the device never holds more than this r
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lightning_merak._compat import buffer_slots, parameter_slots
+from lightning_merak.pretrained import checkpoint_of
 from lightning_merak.rng import mix
 
 
@@ -36,8 +39,9 @@ class MaterializationError(RuntimeError):
 class Materialized:
     """What ``materialize`` did on this rank."""
 
-    initialized_bytes: int = 0  # meta tensors given memory and their module's init
+    initialized_bytes: int = 0  # meta tensors given memory and their module's init (or the checkpoint's values)
     moved_bytes: int = 0  # real tensors moved to the device
+    read_keys: list[str] = field(default_factory=list)  # tensors read from a pretrained checkpoint folder
 
     @property
     def total_bytes(self) -> int:
@@ -68,7 +72,7 @@ def _materialize(module: nn.Module, device: torch.device, seed: int, skip: nn.Mo
                  prefix: str) -> Materialized:
     done = Materialized()
     new: dict[int, torch.Tensor] = {}  # id(old tensor) -> its replacement: a tie keeps one object
-    owners = _hf_owners(module)
+    owners = _hf_owners(module, prefix)
     skipped = {id(m) for m in skip.modules()} if skip is not None else set()
     initialized: set[int] = set()
     for name, sub in module.named_modules(prefix=prefix):
@@ -93,7 +97,7 @@ def _materialize(module: nn.Module, device: torch.device, seed: int, skip: nn.Mo
                     continue
                 new[id(t)] = slots[key] = replacement
         if fresh:
-            _initialize(name, sub, fresh, owners, seed, device, initialized)
+            done.read_keys += _initialize(name, sub, fresh, owners, seed, device, initialized)
     return done
 
 
@@ -111,44 +115,64 @@ def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 _UNSET_INT = -(2**31) + 7  # an integer buffer no init writes (position ids, counters are small and positive)
 
 
-def _hf_owners(module: nn.Module) -> dict[int, nn.Module]:
-    """id(submodule) -> the innermost transformers ``PreTrainedModel`` containing it (its init applies)."""
+@dataclass(frozen=True)
+class _Owner:
+    model: nn.Module | None  # the innermost transformers PreTrainedModel around a module: its init applies
+    source: nn.Module | None  # the model built by ``from_pretrained`` around it: its folder is read
+    source_name: str
+
+
+def _hf_owners(module: nn.Module, prefix: str) -> dict[int, _Owner]:
+    """id(submodule) -> the transformers models around it (see ``_Owner``)."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # transformers is a dependency, but a module can be initialised without it
         return {}
-    owners: dict[int, nn.Module] = {}
+    owners: dict[int, _Owner] = {}
 
-    def walk(m: nn.Module, owner: nn.Module | None) -> None:
-        owner = m if isinstance(m, PreTrainedModel) else owner
-        if owner is not None:
-            owners[id(m)] = owner
-        for child in m.children():
-            walk(child, owner)
+    def walk(m: nn.Module, name: str, owner: _Owner) -> None:
+        if isinstance(m, PreTrainedModel):
+            source = (m, name) if checkpoint_of(m) is not None else (owner.source, owner.source_name)
+            owner = _Owner(m, *source)
+        owners[id(m)] = owner
+        for child_name, child in m.named_children():
+            walk(child, f"{name}.{child_name}" if name else child_name, owner)
 
-    walk(module, None)
+    walk(module, prefix, _Owner(None, None, ""))
     return owners
 
 
-def _initialize(name: str, sub: nn.Module, fresh: list[tuple[str, torch.Tensor]], owners: dict[int, nn.Module],
-                seed: int, device: torch.device, initialized: set[int]) -> None:
-    """Run ``sub``'s own init under a seed of its name; values of tensors another module already initialised
-    (a tie) are kept; every fresh tensor must have been written."""
-    kept = [(t, t.detach().clone()) for t in _own_tensors(sub) if id(t) in initialized]
-    _seed(mix(seed, zlib.crc32(name.encode())), device)
+def _initialize(name: str, sub: nn.Module, fresh: list[tuple[str, torch.Tensor]],
+                owners: dict[int, _Owner], seed: int, device: torch.device, initialized: set[int]) -> list[str]:
+    """Read ``sub``'s tensors from its model's checkpoint folder, if it came from one; run its own init under a
+    seed of its name for the rest. Values of tensors another module already initialised (a tie) are kept;
+    every fresh tensor must have been written. Returns the checkpoint keys read."""
+    found = owners.get(id(sub), _Owner(None, None, ""))
+    owner, checkpoint, base = found.model, checkpoint_of(found.source), found.source_name
+    relative = name[len(base) + 1:] if base and name.startswith(base + ".") else ("" if name == base else name)
+    read: list[str] = []
     with torch.no_grad():
-        owner = owners.get(id(sub))
-        if owner is not None:
-            owner._init_weights(sub)
-        elif callable(getattr(sub, "reset_parameters", None)):
-            sub.reset_parameters()
-        for t, value in kept:
-            t.copy_(value)
+        if checkpoint is not None:
+            for key, t in fresh:
+                file_key = checkpoint.key_for(f"{relative}.{key}" if relative else key, found.source.base_model_prefix)
+                if file_key is not None:
+                    t.copy_(checkpoint.read(file_key, t))
+                    read.append(file_key)
+                    initialized.add(id(t))
+        if len(read) < len(fresh):
+            kept = [(t, t.detach().clone()) for t in _own_tensors(sub) if id(t) in initialized]
+            _seed(mix(seed, zlib.crc32(name.encode())), device)
+            if owner is not None:
+                owner._init_weights(sub)
+            elif callable(getattr(sub, "reset_parameters", None)):
+                sub.reset_parameters()
+            for t, value in kept:
+                t.copy_(value)
     for key, t in fresh:
         unset = torch.isnan(t).any() if t.is_floating_point() else (t == _UNSET_INT).any()
         if bool(unset):
-            how = (f"its transformers model's _init_weights ({type(owners[id(sub)]).__name__}) does not set it"
-                   if id(sub) in owners else "it has no reset_parameters()")
+            how = (f"its transformers model's _init_weights ({type(owner).__name__}) does not set it"
+                   if owner is not None else "it has no reset_parameters()")
             raise MaterializationError(
                 f"`{name}` ({type(sub).__name__}) was built on the meta device, but `{key}` got no values: {how}. "
                 "Give the module a reset_parameters() that sets every parameter and buffer, or build that part "
@@ -156,6 +180,7 @@ def _initialize(name: str, sub: nn.Module, fresh: list[tuple[str, torch.Tensor]]
                 "initialised)."
             )
         initialized.add(id(t))
+    return read
 
 
 def _own_tensors(sub: nn.Module) -> list[torch.Tensor]:

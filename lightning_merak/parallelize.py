@@ -60,12 +60,14 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None
     cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh, device) if pp > 1 else None
     local = materialize(pipelined, device, seed, prefix=path)
-    report_materialized(outside.total_bytes + local.total_bytes, full_bytes, local.initialized_bytes > 0)
-    if cut is not None:
-        cut.tied = tied_parameter_groups(lightning_module, path, cut.plan, mesh, cut.placement)
-        equalize_tied_copies(cut.tied)
+    forget_checkpoints(lightning_module)
+    report_materialized(outside.total_bytes + local.total_bytes, full_bytes, local.initialized_bytes > 0,
+                        len(outside.read_keys) + len(local.read_keys))
     if tp_plan is not None:
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
+    if cut is not None:  # after TP: the groups hold the parameters the optimizer will see (DTensors under TP)
+        cut.tied = tied_parameter_groups(lightning_module, path, cut.plan, mesh, cut.placement)
+        equalize_tied_copies(cut.tied)
     auto = choose_schedule(cut, config, pp, num_microbatches) if cut is not None else None
     delta = apply_memory_manager(pipelined, config) if config.memory_manager == "delta" else None
     rng = microbatch_rng(lightning_module, pipelined, mesh, device) if config.rng == "microbatch" else None
@@ -105,15 +107,24 @@ def init_seed() -> int:
     return seed[0]
 
 
-def report_materialized(local_bytes: int, full_bytes: int, initialized: bool) -> None:
+def report_materialized(local_bytes: int, full_bytes: int, initialized: bool, read: int) -> None:
     """Log every rank's parameter and buffer bytes on its device against the whole model's parameters."""
-    per_rank = [local_bytes]
+    per_rank = [(local_bytes, read)]
     if dist.is_initialized():
         per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, local_bytes)
-    how = "initialised from the meta device" if initialized else "moved"
-    rank_zero_info(f"Merak materialised per rank ({how}): " + ", ".join(format_bytes(b) for b in per_rank)
-                   + f" of the model's {format_bytes(full_bytes)} of parameters")
+        dist.all_gather_object(per_rank, (local_bytes, read))
+    how = "built on the meta device" if initialized else "moved"
+    reads = f"; tensors read from the pretrained folder per rank: {[r for _, r in per_rank]}" if read else ""
+    rank_zero_info(f"Merak materialised per rank ({how}): " + ", ".join(format_bytes(b) for b, _ in per_rank)
+                   + f" of the model's {format_bytes(full_bytes)} of parameters{reads}")
+
+
+def forget_checkpoints(module: nn.Module) -> None:
+    """Close the pretrained folders read during materialisation (``pretrained.lazy_from_pretrained``)."""
+    from lightning_merak.pretrained import forget
+
+    for sub in module.modules():
+        forget(sub)
 
 
 def example_inputs(lightning_module: Any, pipelined: nn.Module, batch: Any, step_name: str,

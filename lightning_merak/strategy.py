@@ -45,6 +45,7 @@ from lightning_merak.config import MerakConfig, MerakConfigError, check_precisio
 from lightning_merak.pipeline.engine import StepContext
 from lightning_merak.pipeline.plan.schedules import SCHEDULE_OPTIONS
 from lightning_merak.pipeline.takeover import replay_logs
+from lightning_merak.pretrained import lazy_from_pretrained
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -265,7 +266,7 @@ class MerakStrategy(ParallelStrategy):
         device = torch.device("cpu") if empty_init is False else torch.device("meta")
         module = self.lightning_module
         before = {id(t) for t in _tensors(module)} if module is not None else None
-        with device, self.precision_plugin.tensor_init_context():
+        with device, self.precision_plugin.tensor_init_context(), lazy_from_pretrained():
             yield
         if before is not None:  # configure_model: what it made must be where it was asked to be made
             placed = [(n, t.device) for n, t in _named_tensors(module) if id(t) not in before and t.device != device]

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
+from lightning_merak._compat import local_shard
 from lightning_merak.pipeline.plan.choose import ScheduleDecision
 from lightning_merak.pipeline.takeover import StageRunner, capture_model_call, redirect_forward, split_batch
 from lightning_merak.trace import shape_signature
@@ -275,10 +276,17 @@ class PipelineEngine:
         return {id(p) for _, params, counted in self.tied_groups if not counted for p in params}
 
     def _sum_tied_grads(self) -> None:
+        """Each copy of a tied weight gets the sum of every copy's gradient. Under TP the copies are sharded alike
+        (vocab rows); a gradient whose placement differs from its weight's (an embedding's is replicated) is
+        first laid out as the weight is, so the holders add up the same rows."""
         for group, params, _ in self.tied_groups:
             for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=group)
+                if p.grad is None:
+                    continue
+                placements = getattr(p, "placements", None)
+                if placements is not None and p.grad.placements != placements:
+                    p.grad = p.grad.redistribute(p.device_mesh, placements)
+                dist.all_reduce(local_shard(p.grad), group=group)
 
     def memory_report(self, rank: int) -> str | None:
         if self.delta is None:

@@ -122,14 +122,18 @@ class HFModule(_Base):
 
     def __init__(self, name: str = "gpt2", lr: float = 0.1, batch_size: int = 8, n: int = 32,
                  variable_length: bool = False, dropout: float = 0.0, momentum: float = 0.0,
-                 build: str = "eager") -> None:
+                 build: str = "eager", pretrained: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_hf(name, dropout) if build == "eager" else None
         self.step_losses: list[float] = []
 
     def configure_model(self):
-        if self.model is None:
+        if self.model is None and self.hparams.pretrained:  # fine-tuning: a local transformers checkpoint folder
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(self.hparams.pretrained)
+        elif self.model is None:
             self.model = build_hf(self.hparams.name, self.hparams.dropout)
 
     def training_step(self, batch, batch_idx):

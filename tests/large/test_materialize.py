@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 from torch import nn
 
+from lightning_merak._compat import strip_module_state
 from lightning_merak.materialize import MaterializationError, materialize
 from tests.helpers.pipeline_models import build_hf
 from tests.pipeline.test_pipeline_training import assert_matches, run_merak, run_reference
@@ -94,3 +98,75 @@ def test_init_module_empty_init_builds_on_meta(tmp_path):
                      steps=2, init_module=True)
     assert all(r["meta_tensors"] == 0 for r in meta)
     assert meta[0]["losses"][0] == pytest.approx(ranks[0]["losses"][0], rel=0.02)
+
+
+def _save(folder, sharded: bool) -> nn.Module:
+    model = build_hf("gpt2_tied")
+    model.save_pretrained(folder, max_shard_size="40KB" if sharded else "5GB")
+    return model
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_from_pretrained_under_the_strategy_reads_lazily_and_exactly(tmp_path, sharded):
+    from transformers import GPT2LMHeadModel
+
+    from lightning_merak.pretrained import lazy_from_pretrained
+
+    saved = _save(tmp_path, sharded)
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+    with torch.device("meta"), lazy_from_pretrained():
+        model = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert all(p.is_meta for p in model.parameters())
+    stage = copy.deepcopy(model)  # the first of two stages: blocks 2 and 3 are another rank's
+    for block in stage.transformer.h[2:]:
+        strip_module_state(block)
+    done = materialize(stage, torch.device("cpu"), seed=0)
+    local = {n for n, _ in stage.named_parameters()}
+    assert not any(".h.2." in n or ".h.3." in n for n in done.read_keys)
+    assert set(done.read_keys) == local  # read exactly what this stage holds (the tied head is wte)
+    materialize(model, torch.device("cpu"), seed=0)
+    for (name, p), q in zip(model.named_parameters(), saved.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        if name in local:
+            assert torch.equal(stage.get_parameter(name), q), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_from_pretrained_refuses_a_folder_that_is_not_local_and_a_mismatched_one(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_merak.pretrained import PretrainedFolderError, lazy_from_pretrained
+
+    with torch.device("meta"), lazy_from_pretrained(), pytest.raises(PretrainedFolderError, match="not a local folder"):
+        GPT2LMHeadModel.from_pretrained("openai-community/gpt2")
+    _save(tmp_path, sharded=False)
+    bigger = GPT2Config.from_pretrained(tmp_path)
+    bigger.n_embd = 64
+    with torch.device("meta"), lazy_from_pretrained():
+        model = GPT2LMHeadModel.from_pretrained(tmp_path, config=bigger)
+    with pytest.raises(PretrainedFolderError, match=r"`transformer\.[a-z0-9.]+` has shape \[\d+(, \d+)*\] in"):
+        materialize(model, torch.device("cpu"), seed=0)
+
+
+@pytest.mark.multiprocess
+def test_from_pretrained_in_configure_model_reads_each_ranks_tensors_only(tmp_path):
+    """A sharded safetensors folder loaded in configure_model at pp=2, pp=4 and pp=2 x tp=2 equals one process
+    that loaded it whole; each rank reads only its own tensors."""
+    import re
+
+    saved = _save(tmp_path / "ckpt", sharded=True)
+    keys = len(saved.state_dict()) - 1  # the tied head is stored once
+    module = {"build": "configure_model", "pretrained": str(tmp_path / "ckpt")}
+    ref = run_reference("gpt2_tied", module=module)
+    for devices, strategy in ((2, {"pipeline_parallel_size": 2}), (4, {"pipeline_parallel_size": 4}),
+                              (4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2})):
+        out = tmp_path / f"run{devices}_{len(strategy)}"
+        ranks = run_merak(out, "gpt2_tied", devices, {"pipeline_schedule": "1f1b", "recompute": "none", **strategy},
+                          module=module)
+        assert_matches(ranks, ref)
+        reads = json.loads(re.search(r"read from the pretrained folder per rank: (\[[\d, ]+\])",
+                                     (out / "output.txt").read_text()).group(1))
+        pp = strategy["pipeline_parallel_size"]
+        assert sum(reads[: pp * strategy.get("tensor_parallel_size", 1): strategy.get("tensor_parallel_size", 1)]) \
+            == keys, reads  # one pipeline's ranks together read every tensor once
+        assert max(reads) < keys, reads
