@@ -154,9 +154,7 @@ class StageModule(nn.Module):
         try:
             out = self.module(*model_args, **model_kwargs)
         except _Stop:
-            # a fresh tensor each (a block argument may also be read later); a split backward (ZB-V's I/W) detaches
-            # the stage outputs in place, which views do not allow: there they are copies
-            return tuple(t.clone() if self.split_backward else t.view_as(t) for t in self._state["sent"])
+            return tuple(_sendable(t, self.split_backward) for t in self._state["sent"])
         finally:
             sent = self._state
             self._state = None
@@ -165,6 +163,18 @@ class StageModule(nn.Module):
             raise RuntimeError(f"stage {self.stage_index} finished the forward without reaching the next stage: "
                                f"{sum(v is None for v in sent['sent'])} boundary tensors were never produced")
         return out
+
+
+def _sendable(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    """A boundary tensor as the stage returns it: a fresh tensor (a block argument may also be read later), in the
+    plain contiguous layout that point-to-point sends need and receive buffers have (T5's position bias is a
+    permuted view, a CNN's activation may be channels-last, a mask expanded), copied only when it is not.
+
+    ``copy``: a split backward (ZB-V's I/W) detaches the stage outputs in place, which views do not allow.
+    """
+    if copy:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.view_as(t) if t.is_contiguous() else t.contiguous()
 
 
 def shape_signature(args: tuple, kwargs: dict) -> tuple:
