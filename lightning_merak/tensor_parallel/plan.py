@@ -7,8 +7,10 @@ name or by in:out ratio per model family; data flow needs no per-family table):
 - a linear layer A (``nn.Linear`` or HF ``Conv1D``) whose output reaches linear layer B's input only through
   element-wise, reshaping or attention operations makes a column-parallel (A) / row-parallel (B) pair;
 - A's output split into n equal parts before use (GPT-2's fused q|k|v) is sharded per part (``colwise_fused``);
-- the token embedding and an output head of the vocabulary's size are vocabulary-parallel, the head's
-  logits gathered so that any loss stays correct;
+- the token embedding and the output head are vocabulary-parallel, the head's logits gathered so that any loss
+  stays correct. The head is found by structure, never by a size: the model's ``get_output_embeddings()``, else
+  the linear layer whose weight is tied to the token embedding, else the one whose output is the logits the
+  model returns (a layer that merely has the vocabulary's width, Mamba's ``dt_proj``, is not a head);
 - ``nn.MultiheadAttention`` is split by heads as one unit;
 - position information built per head is sharded with the heads: an embedding inside an attention module with
   one column per head (T5's relative position bias) is split by columns, and a parameter-free per-head tensor an
@@ -21,6 +23,7 @@ clear errors, before any process group exists.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +57,13 @@ class TPPlan:
     # attention FQN → {argument (name, or position as "0", "1"...): (layout, full head count)}; layout "heads"
     # (dim 1 counts heads) or "batch_heads" (dim 0 counts batch × heads, batch-major): sliced to local heads
     head_inputs: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
+    parameters: int = 0  # of the whole module
+    sharded_parameters: int = 0  # of those, split across the TP ranks
+    blocks_without_tp: str | None = None  # the repeated blocks (e.g. "model.layers") when none of them is sharded
+
+    @property
+    def sharded_share(self) -> float:
+        return self.sharded_parameters / self.parameters if self.parameters else 0.0
 
     def table(self) -> str:
         width = max([len(k) for k in self.styles] + [6])
@@ -67,7 +77,18 @@ class TPPlan:
             lines.append(f"{fqn:<{width}}  input " + ", ".join(f"{k} ({layout.replace('_', ' × ')} of {heads})"
                                                                 for k, (layout, heads) in inputs.items())
                          + " sliced to this rank's heads where it holds all")
+        if self.parameters:
+            lines.append(f"TP shards {self.sharded_share:.1%} of the parameters ({self.sharded_parameters:,} of "
+                         f"{self.parameters:,})")
+        if self.blocks_without_tp:
+            lines.append(f"warning: {self.blocks_without_tp_message()}")
         return "\n".join(lines)
+
+    def blocks_without_tp_message(self) -> str:
+        return (f"no layer of the blocks `{self.blocks_without_tp}` is tensor-parallel: they run replicated on every "
+                f"TP rank (TP shards {self.sharded_share:.1%} of the parameters). Use pipeline or data parallelism "
+                "for this model (tensor_parallel_size=1), or give it a tp plan (transformers' "
+                "config.base_model_tp_plan).")
 
     __str__ = table
 
@@ -94,7 +115,27 @@ def tp_plan_for(module: nn.Module, tp_size: int, example_inputs: tuple | dict | 
     plan = TPPlan(tp_size, styles, fused, source=source)
     plan.attributes = _validate_and_attributes(module, plan)
     plan.head_inputs = _head_inputs(module, plan, observed)
+    _coverage(module, plan)
+    if plan.blocks_without_tp:
+        warnings.warn(f"{type(module).__name__}: {plan.blocks_without_tp_message()}", stacklevel=2)
     return plan
+
+
+def _coverage(module: nn.Module, plan: TPPlan) -> None:
+    """How many parameters the plan shards, and whether the repeated blocks (the largest ModuleList) got any."""
+    names = dict(module.named_modules())
+    sharded: dict[int, int] = {}
+    for fqn, style in plan.styles.items():
+        for pname, p in names[fqn].named_parameters():
+            if not (style == "rowwise" and pname == "bias"):  # a row-parallel bias stays replicated
+                sharded[id(p)] = p.numel()
+    plan.parameters = sum(p.numel() for p in module.parameters())
+    plan.sharded_parameters = sum(sharded.values())
+    lists = [(fqn, m) for fqn, m in names.items() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if lists:
+        fqn, _ = max(lists, key=lambda fm: sum(p.numel() for p in fm[1].parameters()))
+        if not any(style_fqn.startswith(f"{fqn}.") for style_fqn in plan.styles):
+            plan.blocks_without_tp = fqn
 
 
 # ---- transformers' own plan ----------------------------------------------------------------------------
@@ -133,7 +174,7 @@ _PROPAGATE = {
     "unflatten", "expand", "expand_as", "repeat_interleave", "squeeze", "unsqueeze", "to", "float", "half",
     "bfloat16", "type", "type_as", "clone", "narrow", "select", "cat", "add", "radd", "iadd", "sub", "rsub",
     "isub", "mul", "rmul", "imul", "div", "truediv", "rtruediv", "itruediv", "neg", "pow", "exp", "tanh",
-    "sigmoid", "relu", "gelu", "silu", "softmax", "dropout", "matmul", "bmm", "baddbmm", "masked_fill", "where",
+    "sigmoid", "relu", "gelu", "silu", "softmax", "log_softmax", "dropout", "matmul", "bmm", "baddbmm", "masked_fill", "where",
     "clamp", "scaled_dot_product_attention", "erf", "sqrt",
 }
 
@@ -222,7 +263,7 @@ def _detect_plan(module: nn.Module, example_inputs) -> tuple[dict[str, str], dic
     try:
         with torch.random.fork_rng(devices=devices), tracer, torch.enable_grad():
             module.eval()
-            module(*args, **kwargs)
+            output = module(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -242,8 +283,22 @@ def _detect_plan(module: nn.Module, example_inputs) -> tuple[dict[str, str], dic
     for fqn, m in module.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             styles[fqn] = "mha_heads"
-    styles.update(_vocab_styles(module, linears, styles))
+    styles.update(_vocab_styles(module, linears, styles, _logits_layer(output, tracer)))
     return styles, fused, observed
+
+
+def _logits_layer(output, tracer: _FlowTracer) -> str | None:
+    """The linear layer whose output is the model's logits (``output.logits``, or a tensor output), directly or
+    through element-wise operations (a ``log_softmax``)."""
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, torch.Tensor):
+        logits = output
+    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        return None
+    labels = tracer.label(logits)
+    return tracer.direct.get(id(logits)) or (next(iter(labels)) if len(labels) == 1 else None)
 
 
 def _per_head_candidates(args: tuple, kwargs: dict, tracer: _FlowTracer) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -296,8 +351,9 @@ def _vocab_size(module: nn.Module) -> int | None:
     return None
 
 
-def _vocab_styles(module: nn.Module, linears: dict[str, nn.Module], styles: dict[str, str]) -> dict[str, str]:
-    """Token embedding(s) and the output head of the vocabulary's size: vocabulary-parallel."""
+def _vocab_styles(module: nn.Module, linears: dict[str, nn.Module], styles: dict[str, str],
+                  logits_layer: str | None) -> dict[str, str]:
+    """Token embedding(s) and the output head (see the module docstring): vocabulary-parallel."""
     vocab = _vocab_size(module)
     embeddings = {n: m for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
     if vocab is None and embeddings:
@@ -305,11 +361,26 @@ def _vocab_styles(module: nn.Module, linears: dict[str, nn.Module], styles: dict
     if vocab is None:
         return {}
     out = {n: "embedding_vocab" for n, m in embeddings.items() if m.num_embeddings == vocab}
-    for n, lin in linears.items():
-        features = lin.nf if _is_conv1d(lin) else lin.out_features
-        if n not in styles and features == vocab:
-            out[n] = "head_vocab_gather"
+    head = _output_head(module, linears, out, logits_layer)
+    if head is not None and head not in styles:
+        lin = linears[head]
+        if (lin.nf if _is_conv1d(lin) else lin.out_features) == vocab:  # a classifier head stays replicated
+            out[head] = "head_vocab_gather"
     return out
+
+
+def _output_head(module: nn.Module, linears: dict[str, nn.Module], token_embeddings: dict[str, str],
+                 logits_layer: str | None) -> str | None:
+    names = {id(m): n for n, m in module.named_modules()}
+    get = getattr(module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Module) and names.get(id(head)) in linears:
+        return names[id(head)]
+    tied = {id(module.get_submodule(n).weight) for n in token_embeddings}
+    for n, lin in linears.items():
+        if id(lin.weight) in tied:
+            return n
+    return logits_layer
 
 
 def _example_inputs(module: nn.Module, example_inputs) -> tuple[tuple, dict]:
