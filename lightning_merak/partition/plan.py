@@ -11,6 +11,8 @@ most expensive stage (forward + backward = 3 x forward FLOPs), ties broken by fe
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,6 +241,7 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
         cost = [3 * f + 1 for f in cap.unit_flops]
         cuts = _balanced_cuts(cost, sorted(legal), num_stages, {k: sum(_nbytes(cap.tensors[x]) for x in v)
                                                                  for k, v in legal.items()})
+        _warn_if_forced_imbalance(module, units, cost, cuts, reasons, num_stages)
     bounds = [0, *cuts, n]
     stages = []
     for s in range(num_stages):
@@ -251,6 +254,53 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
     plan = PartitionPlan(units, stages, cuts, cap)
     plan.tied = _ties(module, plan)
     return plan
+
+
+#: a balance (most expensive stage over the mean) worse than this, when illegal cuts would do better, is reported
+BALANCE_WARNING = 1.25
+
+
+def _stage_balance(cost: list[int], cuts: list[int]) -> float:
+    bounds = [0, *cuts, len(cost)]
+    stages = [sum(cost[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return max(stages) / (sum(stages) / len(stages))
+
+
+def _block_of(unit: str) -> str | None:
+    """The numbered block a unit belongs to (``model.layers.3`` for ``model.layers.3.mlp``), if any."""
+    match = re.match(r"^(.*?\.\d+)(?:\.|$)", unit)
+    return match.group(1) if match else unit
+
+
+def _warn_if_forced_imbalance(module: nn.Module, units: list[str], cost: list[int], cuts: list[int],
+                              reasons: dict[int, str], num_stages: int) -> None:
+    """Warn when the legal cuts force a balance worse than ``BALANCE_WARNING`` that illegal ones would beat: name
+    the tensor that forbids them, the modules that make and read it, and what the user can do."""
+    balance = _stage_balance(cost, cuts)
+    # only cuts between whole blocks count: a cut inside a block is illegal by nature (its residual stream)
+    blocked_at = {k: why for k, why in reasons.items() if _block_of(units[k]) != _block_of(units[k - 1])}
+    if balance <= BALANCE_WARNING or not blocked_at:
+        return
+    every = sorted({*cuts, *blocked_at})
+    ideal = _balanced_cuts(cost, every, num_stages, dict.fromkeys(every, 0))
+    better = _stage_balance(cost, ideal)
+    blocked = [k for k in ideal if k in blocked_at]
+    if better >= balance - 0.05 or not blocked:
+        return
+    k = blocked[0]
+    config = next((m.config for m in module.modules() if getattr(getattr(m, "config", None), "output_router_logits",
+                                                                 False)), None)
+    if config is not None:
+        advice = ("It is the router logits transformers collects from every layer for the auxiliary load-balancing "
+                  "loss (config.output_router_logits=True): set model.config.output_router_logits = False to cut "
+                  "between any layers (the auxiliary loss is then not computed), or keep it with this balance.")
+    else:
+        advice = ("Let the model hand that tensor to a later block as an argument (or not keep it at all), pass "
+                  "partition=[...] with other legal cut points, or use fewer pipeline stages.")
+    warnings.warn(f"{type(module).__name__}: the legal cuts give a stage balance of {balance:.2f} (most expensive "
+                  f"stage over the mean), cuts at {[units[c] for c in ideal]} would give {better:.2f}, but starting "
+                  f"a stage at `{units[k]}` is illegal: {reasons[k]} (in {type(module).__name__}.forward or a "
+                  f"module it calls outside the blocks). {advice}", stacklevel=3)
 
 
 def _boundary(cap: Capture, key: int, k: int) -> Boundary:
