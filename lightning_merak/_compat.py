@@ -146,4 +146,13 @@ def hook_free_memo(module: torch.nn.Module) -> dict[int, object]:
     return memo
 
 
-__all__ += ["hook_free_memo"]
+def without_output_capturing_flag(copy: torch.nn.Module) -> torch.nn.Module:
+    """transformers 5 installs its output-recording hooks (router logits, hidden states) once per model, at the
+    first forward that asks for them, and marks the model with a private flag. A hook-free copy of a model that has
+    run carries the flag without the hooks; clearing it lets the copy install its own."""
+    for sub in copy.modules():
+        sub.__dict__.pop("_output_capturing_hooks_installed", None)
+    return copy
+
+
+__all__ += ["hook_free_memo", "without_output_capturing_flag"]

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_merak._compat import hook_free_memo, tree_flatten
+from lightning_merak._compat import hook_free_memo, tree_flatten, without_output_capturing_flag
 
 
 class CaptureError(RuntimeError):
@@ -64,7 +64,7 @@ def meta_twin(module: nn.Module, device: str = "meta") -> nn.Module:
             continue
         meta = t.detach().to("meta") if device == "meta" else torch.zeros(t.shape, dtype=t.dtype, device=device)
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(module, memo)
+    return without_output_capturing_flag(copy.deepcopy(module, memo))
 
 
 @dataclass

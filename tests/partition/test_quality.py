@@ -42,3 +42,13 @@ def test_without_router_logits_the_cut_is_balanced_and_silent():
         warnings.simplefilter("error", UserWarning)
         plan = plan_model(model, ((), batch), 2)
     assert plan.balance < 1.25 and plan.units[plan.cuts[0]] == "model.layers.2"
+
+
+def test_a_model_that_has_run_still_plans():
+    """transformers installs its router-logit recorders at the first forward; the planner's hook-free copy of
+    the model must install its own (else the aux loss finds no logits)."""
+    model, batch = _mixtral(router_logits=False)
+    model.config.output_router_logits = True
+    model(**batch)
+    with pytest.warns(UserWarning, match="stage balance"):
+        assert plan_model(model, ((), batch), 2).balance == pytest.approx(2.0)
