@@ -76,6 +76,9 @@ class StagePlan:
     num_params: int = 0
     boundary: list[Boundary] = field(default_factory=list)
     saved: int = 0  # bytes autograd saves for backward in one micro-batch's forward
+    # blocks of other stages that are never called but whose weights this stage's code reads directly (DeBERTa's
+    # relative position embedding): the stage holds a copy, tied to the owner's (gradients summed)
+    shared: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -251,6 +254,7 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
         boundary = [_boundary(cap, key, b) for key in sends]
         stages.append(StagePlan(s, units[a:b], a, sum(cap.unit_params[a:b]), sum(cap.unit_flops[a:b]), sends,
                                 num_params, boundary, sum(cap.unit_saved[a:b])))
+    _share_read_weights(cap, stages, bounds)
     plan = PartitionPlan(units, stages, cuts, cap)
     plan.tied = _ties(module, plan)
     return plan
@@ -303,6 +307,19 @@ def _warn_if_forced_imbalance(module: nn.Module, units: list[str], cost: list[in
                   f"module it calls outside the blocks). {advice}", stacklevel=3)
 
 
+def _share_read_weights(cap: Capture, stages: list[StagePlan], bounds: list[int]) -> None:
+    """A block that is never called but whose weights later stages read directly goes to those stages too."""
+    starts = [cap.calls[cap.first_call[b]].time if b < len(cap.units) else float("inf") for b in bounds]
+    starts[0] = -1
+    for unit, times in cap.param_reads.items():
+        if cap.first_call[unit] >= 0:
+            continue
+        for st in stages:
+            if not st.first <= unit < st.first + len(st.units) and any(
+                    starts[st.index] <= t < starts[st.index + 1] for t in times):
+                st.shared.append(cap.units[unit])
+
+
 def _boundary(cap: Capture, key: int, k: int) -> Boundary:
     info = cap.tensors[key]
     consumers = sorted({cap.units[cap.calls[r[1][1]].unit] for r in info["reads"]
@@ -347,7 +364,7 @@ def _balanced_cuts(cost: list[int], legal: list[int], num_stages: int, cut_bytes
 def _ties(module: nn.Module, plan: PartitionPlan) -> list[Tie]:
     owners: dict[int, list[tuple[str, int]]] = {}
     for s in plan.stages:
-        for u in s.units:
+        for u in s.units + s.shared:
             for pname, p in module.get_submodule(u).named_parameters(remove_duplicate=False):
                 owners.setdefault(id(p), []).append((f"{u}.{pname}", s.index))
     ties = []

@@ -83,8 +83,9 @@ class StageModule(nn.Module):
         tensor parallelism has replaced them with DTensors."""
         if self._own is None:
             params: dict[int, nn.Parameter] = {}
-            for u in sorted(self.owned):
-                for p in self.module.get_submodule(self.plan.units[u]).parameters():
+            shared = self.plan.stages[self.stage_index].shared
+            for name in [self.plan.units[u] for u in sorted(self.owned)] + shared:
+                for p in self.module.get_submodule(name).parameters():
                     params.setdefault(id(p), p)
             self._own = list(params.values())
         return self._own
@@ -221,6 +222,7 @@ def build_stages(module: nn.Module, plan: PartitionPlan, stage_indices: list[int
     between the ranks holding them."""
     local = {u for i in stage_indices
              for u in range(plan.stages[i].first, plan.stages[i].first + len(plan.stages[i].units))}
+    local |= {plan.units.index(name) for i in stage_indices for name in plan.stages[i].shared}
     units = _Units(module, plan, local)
     return [StageModule(module, plan, i, units) for i in stage_indices]
 
