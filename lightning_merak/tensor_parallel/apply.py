@@ -17,7 +17,12 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_merak.tensor_parallel.plan import TPPlan
-from lightning_merak.tensor_parallel.styles import ColumnParallel, MultiheadAttentionParallel, RowParallel
+from lightning_merak.tensor_parallel.styles import (
+    ColumnParallel,
+    ExpertsParallel,
+    MultiheadAttentionParallel,
+    RowParallel,
+)
 
 
 def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: TPPlan, subtensor_chunks: int = 2) -> nn.Module:
@@ -64,6 +69,8 @@ def _style_for(style: str, target: nn.Module, chunks: int, fused: int) -> Parall
         return RowwiseParallel(input_layouts=Replicate())
     if style == "head_vocab_gather":
         return ColwiseParallel(output_layouts=Replicate())
+    if style == "moe_experts":
+        return ExpertsParallel()
     if style == "embedding_heads":  # columns are heads: the output holds this rank's heads
         return ColwiseParallel()
     if style == "mha_heads":

@@ -34,11 +34,11 @@ from lightning_merak.tensor_parallel.styles import _is_conv1d
 
 #: style names a plan may hold; ``apply_tensor_parallel`` maps each to a ParallelStyle
 STYLES = ("colwise", "colwise_fused", "rowwise", "embedding_vocab", "head_vocab_gather", "mha_heads",
-          "embedding_heads")
+          "embedding_heads", "moe_experts")
 
 #: transformers' style names (``config.base_model_tp_plan`` / ``_tp_plan``) that we translate
 _HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "colwise_gather_output": "head_vocab_gather",
-              "embedding_rowwise": "embedding_vocab", "packed_colwise": "colwise_fused"}
+              "embedding_rowwise": "embedding_vocab", "packed_colwise": "colwise_fused", "moe_tp_experts": "moe_experts"}
 
 #: module attributes holding a head count or a head-count-derived width, divided by t on the attention module
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "n_head", "n_heads", "split_size",
@@ -447,6 +447,13 @@ def _validate_and_attributes(module: nn.Module, plan: TPPlan) -> dict[str, dict[
         if style == "mha_heads":
             if m.num_heads % t:
                 raise ValueError(f"{fqn}: {m.num_heads} attention heads are not divisible by tensor_parallel_size={t}")
+            continue
+        if style == "moe_experts":
+            down = m.down_proj
+            size = down.shape[1] if getattr(m, "is_transposed", False) else down.shape[2]
+            if size % t:
+                raise ValueError(f"{fqn}: the experts' {size} intermediate features are not divisible by "
+                                 f"tensor_parallel_size={t}")
             continue
         if style == "embedding_heads":
             if m.embedding_dim % t:

@@ -41,3 +41,19 @@ def test_t5_relative_position_bias_is_split_by_heads():
     assert plan.styles["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"] == "embedding_heads"
     assert plan.styles["encoder.block.1.layer.0.SelfAttention.q"] == "colwise"
     assert plan.attributes["encoder.block.1.layer.0.SelfAttention"] == {"n_heads": 2, "inner_dim": 16}
+
+
+def test_mixtral_experts_take_transformers_moe_plan():
+    model, batch = build("mixtral")
+    plan = tp_plan_for(model, 2, example_inputs=((), batch))
+    assert plan.source == "hf"
+    assert plan.styles["model.layers.1.mlp.experts"] == "moe_experts"
+    assert "model.layers.1.mlp.gate" not in plan.styles  # routing stays replicated
+    import transformers as tf
+
+    odd = tf.MixtralForCausalLM(tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=66,
+                                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                                 num_local_experts=2, num_experts_per_tok=1))
+    with pytest.raises(ValueError, match=r"experts' 66 intermediate features are not divisible by "
+                                         r"tensor_parallel_size=4"):
+        tp_plan_for(odd, 4, example_inputs=((), batch))
