@@ -210,3 +210,15 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
 
 
 __all__ += ["strip_module_state", "parameter_slots", "buffer_slots", "local_shard", "version_counter", "unwrap_optimizer"]
+
+
+def without_output_capturing_flag(copy: torch.nn.Module) -> torch.nn.Module:
+    """transformers 5 installs its output-recording hooks (router logits, hidden states) once per model, at the
+    first forward that asks for them, and marks the model with a private flag. A hook-free copy of a model that has
+    run carries the flag without the hooks; clearing it lets the copy install its own."""
+    for sub in copy.modules():
+        sub.__dict__.pop("_output_capturing_hooks_installed", None)
+    return copy
+
+
+__all__ += ["without_output_capturing_flag"]

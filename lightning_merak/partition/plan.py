@@ -11,6 +11,8 @@ most expensive stage (forward + backward = 3 x forward FLOPs), ties broken by fe
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +77,9 @@ class StagePlan:
     num_params: int = 0
     boundary: list[Boundary] = field(default_factory=list)
     saved: int = 0  # bytes autograd saves for backward in one micro-batch's forward
+    # blocks of other stages that are never called but whose weights this stage's code reads directly (DeBERTa's
+    # relative position embedding): the stage holds a copy, tied to the owner's (gradients summed)
+    shared: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -232,6 +237,7 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
         cost = [3 * f + 1 for f in cap.unit_flops]
         cuts = _balanced_cuts(cost, sorted(legal), num_stages, {k: sum(_nbytes(cap.tensors[x]) for x in v)
                                                                  for k, v in legal.items()})
+        _warn_if_forced_imbalance(module, units, cost, cuts, reasons, num_stages)
     bounds = [0, *cuts, n]
     stages = []
     for s in range(num_stages):
@@ -241,9 +247,70 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
         boundary = [_boundary(cap, key, b) for key in sends]
         stages.append(StagePlan(s, units[a:b], a, sum(cap.unit_params[a:b]), sum(cap.unit_flops[a:b]), sends,
                                 num_params, boundary, sum(cap.unit_saved[a:b])))
+    _share_read_weights(cap, stages, bounds)
     plan = PartitionPlan(units, stages, cuts, cap)
     plan.tied = _ties(module, plan)
     return plan
+
+
+#: a balance (most expensive stage over the mean) worse than this, when illegal cuts would do better, is reported
+BALANCE_WARNING = 1.25
+
+
+def _stage_balance(cost: list[int], cuts: list[int]) -> float:
+    bounds = [0, *cuts, len(cost)]
+    stages = [sum(cost[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return max(stages) / (sum(stages) / len(stages))
+
+
+def _block_of(unit: str) -> str | None:
+    """The numbered block a unit belongs to (``model.layers.3`` for ``model.layers.3.mlp``), if any."""
+    match = re.match(r"^(.*?\.\d+)(?:\.|$)", unit)
+    return match.group(1) if match else unit
+
+
+def _warn_if_forced_imbalance(module: nn.Module, units: list[str], cost: list[int], cuts: list[int],
+                              reasons: dict[int, str], num_stages: int) -> None:
+    """Warn when the legal cuts force a balance worse than ``BALANCE_WARNING`` that illegal ones would beat: name
+    the tensor that forbids them, the modules that make and read it, and what the user can do."""
+    balance = _stage_balance(cost, cuts)
+    # only cuts between whole blocks count: a cut inside a block is illegal by nature (its residual stream)
+    blocked_at = {k: why for k, why in reasons.items() if _block_of(units[k]) != _block_of(units[k - 1])}
+    if balance <= BALANCE_WARNING or not blocked_at:
+        return
+    every = sorted({*cuts, *blocked_at})
+    ideal = _balanced_cuts(cost, every, num_stages, dict.fromkeys(every, 0))
+    better = _stage_balance(cost, ideal)
+    blocked = [k for k in ideal if k in blocked_at]
+    if better >= balance - 0.05 or not blocked:
+        return
+    k = blocked[0]
+    config = next((m.config for m in module.modules() if getattr(getattr(m, "config", None), "output_router_logits",
+                                                                 False)), None)
+    if config is not None:
+        advice = ("It is the router logits transformers collects from every layer for the auxiliary load-balancing "
+                  "loss (config.output_router_logits=True): set model.config.output_router_logits = False to cut "
+                  "between any layers (the auxiliary loss is then not computed), or keep it with this balance.")
+    else:
+        advice = ("Let the model hand that tensor to a later block as an argument (or not keep it at all), pass "
+                  "partition=[...] with other legal cut points, or use fewer pipeline stages.")
+    warnings.warn(f"{type(module).__name__}: the legal cuts give a stage balance of {balance:.2f} (most expensive "
+                  f"stage over the mean), cuts at {[units[c] for c in ideal]} would give {better:.2f}, but starting "
+                  f"a stage at `{units[k]}` is illegal: {reasons[k]} (in {type(module).__name__}.forward or a "
+                  f"module it calls outside the blocks). {advice}", stacklevel=3)
+
+
+def _share_read_weights(cap: Capture, stages: list[StagePlan], bounds: list[int]) -> None:
+    """A block that is never called but whose weights later stages read directly goes to those stages too."""
+    starts = [cap.calls[cap.first_call[b]].time if b < len(cap.units) else float("inf") for b in bounds]
+    starts[0] = -1
+    for unit, times in cap.param_reads.items():
+        if cap.first_call[unit] >= 0:
+            continue
+        for st in stages:
+            if not st.first <= unit < st.first + len(st.units) and any(
+                    starts[st.index] <= t < starts[st.index + 1] for t in times):
+                st.shared.append(cap.units[unit])
 
 
 def _boundary(cap: Capture, key: int, k: int) -> Boundary:
@@ -290,7 +357,7 @@ def _balanced_cuts(cost: list[int], legal: list[int], num_stages: int, cut_bytes
 def _ties(module: nn.Module, plan: PartitionPlan) -> list[Tie]:
     owners: dict[int, list[tuple[str, int]]] = {}
     for s in plan.stages:
-        for u in s.units:
+        for u in s.units + s.shared:
             for pname, p in module.get_submodule(u).named_parameters(remove_duplicate=False):
                 owners.setdefault(id(p), []).append((f"{u}.{pname}", s.index))
     ties = []

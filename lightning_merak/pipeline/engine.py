@@ -328,7 +328,7 @@ class PipelineEngine:
                     if self.stage_to_rank[i + 1] != self.pp_rank:
                         dst = dist.get_global_rank(self.pp_group, self.stage_to_rank[i + 1])
                         for t in outputs:
-                            dist.send(t.contiguous(), dst=dst, group=self.pp_group)
+                            dist.send(t, dst=dst, group=self.pp_group)  # stage outputs are contiguous
                     continue
 
                 def run_stage(*a: Any, _stage=stage, _received=received, **kw: Any) -> Any:

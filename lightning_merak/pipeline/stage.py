@@ -78,8 +78,9 @@ class StageModule(nn.Module):
         tensor parallelism has replaced them with DTensors."""
         if self._own is None:
             params: dict[int, nn.Parameter] = {}
-            for u in sorted(self.owned):
-                for p in self.module.get_submodule(self.plan.units[u]).parameters():
+            shared = self.plan.stages[self.stage_index].shared
+            for name in [self.plan.units[u] for u in sorted(self.owned)] + shared:
+                for p in self.module.get_submodule(name).parameters():
                     params.setdefault(id(p), p)
             self._own = list(params.values())
         return self._own
@@ -151,9 +152,7 @@ class StageModule(nn.Module):
         try:
             out = self.module(*model_args, **model_kwargs)
         except _Stop:
-            # a fresh tensor each (a block argument may also be read later); a split backward (ZB-V's I/W) detaches
-            # the stage outputs in place, which views do not allow: there they are copies
-            return tuple(t.clone() if self.split_backward else t.view_as(t) for t in self._state["sent"])
+            return tuple(_sendable(t, self.split_backward) for t in self._state["sent"])
         finally:
             sent = self._state
             self._state = None
@@ -162,6 +161,19 @@ class StageModule(nn.Module):
             raise RuntimeError(f"stage {self.stage_index} finished the forward without reaching the next stage: "
                                f"{sum(v is None for v in sent['sent'])} boundary tensors were never produced")
         return out
+
+
+def _sendable(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    """A boundary tensor as the stage returns it: a fresh tensor (a block argument may also be read later), in the
+    plain contiguous layout that point-to-point sends need and receive buffers have (T5's position bias is a
+    permuted view, a CNN's activation may be channels-last, a mask expanded), copied only when it is not.
+
+    ``copy``: a split backward (ZB-V's I/W) detaches the stage outputs in place, which views do not allow.
+    """
+    if copy:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.view_as(t) if t.is_contiguous() else t.contiguous()
+
 
 
 class _Units:
@@ -214,6 +226,7 @@ def build_stages(module: nn.Module, plan: PartitionPlan, stage_indices: list[int
     between the ranks holding them."""
     local = {u for i in stage_indices
              for u in range(plan.stages[i].first, plan.stages[i].first + len(plan.stages[i].units))}
+    local |= {plan.units.index(name) for i in stage_indices for name in plan.stages[i].shared}
     units = _Units(module, plan, local)
     return [StageModule(module, plan, i, units, device) for i in stage_indices]
 

@@ -17,7 +17,12 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_merak.tensor_parallel.plan import TPPlan
-from lightning_merak.tensor_parallel.styles import ColumnParallel, MultiheadAttentionParallel, RowParallel
+from lightning_merak.tensor_parallel.styles import (
+    ColumnParallel,
+    ExpertsParallel,
+    MultiheadAttentionParallel,
+    RowParallel,
+)
 
 
 def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: TPPlan, subtensor_chunks: int = 2) -> nn.Module:
@@ -37,6 +42,7 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: TPPlan, 
     if styles:
         parallelize_module(module, tp_mesh, styles)
     _set_head_attributes(module, plan)
+    _slice_head_inputs(module, plan, tp_mesh.get_local_rank())
     _retie(tied)
     return module
 
@@ -63,6 +69,10 @@ def _style_for(style: str, target: nn.Module, chunks: int, fused: int) -> Parall
         return RowwiseParallel(input_layouts=Replicate())
     if style == "head_vocab_gather":
         return ColwiseParallel(output_layouts=Replicate())
+    if style == "moe_experts":
+        return ExpertsParallel()
+    if style == "embedding_heads":  # columns are heads: the output holds this rank's heads
+        return ColwiseParallel()
     if style == "mha_heads":
         return MultiheadAttentionParallel(chunks)
     raise ValueError(f"unknown tensor parallel style {style!r}")
@@ -88,6 +98,43 @@ def _set_head_attributes(module: nn.Module, plan: TPPlan) -> None:
             continue
         for attr, value in attrs.items():
             setattr(owner, attr, value)
+
+
+def _slice_head_inputs(module: nn.Module, plan: TPPlan, rank: int) -> None:
+    """Attention modules that receive a per-head tensor built for all heads (BLOOM's ALiBi) take their own part.
+
+    A tensor that already counts local heads (made inside a sharded module) passes unchanged.
+    """
+    names = dict(module.named_modules())
+    for fqn, inputs in plan.head_inputs.items():
+        owner = names.get(fqn)
+        if owner is None or next(owner.parameters(), None) is None:
+            continue
+
+        def hook(_m, args, kwargs, inputs=inputs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() >= 2]
+            if not tensors:
+                return None
+            batch = tensors[0].shape[0]
+            args = tuple(_own_heads(a, *inputs[str(i)], plan.tp_size, rank, batch) if str(i) in inputs else a
+                         for i, a in enumerate(args))
+            kwargs = {k: _own_heads(v, *inputs[k], plan.tp_size, rank, batch) if k in inputs else v
+                      for k, v in kwargs.items()}
+            return args, kwargs
+
+        owner.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _own_heads(t, layout: str, heads: int, tp: int, rank: int, batch: int):
+    local = heads // tp
+    if not isinstance(t, torch.Tensor):
+        return t
+    if layout == "batch_heads" and t.shape[0] == batch * heads:
+        own = t.view(batch, heads, *t.shape[1:])[:, rank * local:(rank + 1) * local]
+        return own.reshape(batch * local, *t.shape[1:])
+    if layout == "heads" and t.dim() > 1 and t.shape[1] == heads:
+        return t[:, rank * local:(rank + 1) * local]
+    return t
 
 
 def _tied_parameters(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:

@@ -7,9 +7,14 @@ name or by in:out ratio per model family; data flow needs no per-family table):
 - a linear layer A (``nn.Linear`` or HF ``Conv1D``) whose output reaches linear layer B's input only through
   element-wise, reshaping or attention operations makes a column-parallel (A) / row-parallel (B) pair;
 - A's output split into n equal parts before use (GPT-2's fused q|k|v) is sharded per part (``colwise_fused``);
-- the token embedding and an output head of the vocabulary's size are vocabulary-parallel, the head's
-  logits gathered so that any loss stays correct;
-- ``nn.MultiheadAttention`` is split by heads as one unit.
+- the token embedding and the output head are vocabulary-parallel, the head's logits gathered so that any loss
+  stays correct. The head is found by structure, never by a size: the model's ``get_output_embeddings()``, else
+  the linear layer whose weight is tied to the token embedding, else the one whose output is the logits the
+  model returns (a layer that merely has the vocabulary's width, Mamba's ``dt_proj``, is not a head);
+- ``nn.MultiheadAttention`` is split by heads as one unit;
+- position information built per head is sharded with the heads: an embedding inside an attention module with
+  one column per head (T5's relative position bias) is split by columns, and a parameter-free per-head tensor an
+  attention module receives from the model (BLOOM's ALiBi, batch × heads) is sliced to this rank's heads.
 
 The plan is pure data: printable (``.table()``), checked for divisibility against the TP size here, with
 clear errors, before any process group exists.
@@ -18,6 +23,7 @@ clear errors, before any process group exists.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -27,11 +33,12 @@ from torch.overrides import TorchFunctionMode
 from lightning_merak.tensor_parallel.styles import _is_conv1d
 
 #: style names a plan may hold; ``apply_tensor_parallel`` maps each to a ParallelStyle
-STYLES = ("colwise", "colwise_fused", "rowwise", "embedding_vocab", "head_vocab_gather", "mha_heads")
+STYLES = ("colwise", "colwise_fused", "rowwise", "embedding_vocab", "head_vocab_gather", "mha_heads",
+          "embedding_heads", "moe_experts")
 
 #: transformers' style names (``config.base_model_tp_plan`` / ``_tp_plan``) that we translate
 _HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "colwise_gather_output": "head_vocab_gather",
-              "embedding_rowwise": "embedding_vocab", "packed_colwise": "colwise_fused"}
+              "embedding_rowwise": "embedding_vocab", "packed_colwise": "colwise_fused", "moe_tp_experts": "moe_experts"}
 
 #: module attributes holding a head count or a head-count-derived width, divided by t on the attention module
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "n_head", "n_heads", "split_size",
@@ -47,6 +54,16 @@ class TPPlan:
     fused: dict[str, int] = field(default_factory=dict)  # colwise_fused FQN → number of packed parts
     attributes: dict[str, dict[str, int]] = field(default_factory=dict)  # FQN → {attr: local value}
     source: str = "auto"  # "hf" (the model's own plan) or "auto" (detected)
+    # attention FQN → {argument (name, or position as "0", "1"...): (layout, full head count)}; layout "heads"
+    # (dim 1 counts heads) or "batch_heads" (dim 0 counts batch × heads, batch-major): sliced to local heads
+    head_inputs: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
+    parameters: int = 0  # of the whole module
+    sharded_parameters: int = 0  # of those, split across the TP ranks
+    blocks_without_tp: str | None = None  # the repeated blocks (e.g. "model.layers") when none of them is sharded
+
+    @property
+    def sharded_share(self) -> float:
+        return self.sharded_parameters / self.parameters if self.parameters else 0.0
 
     def table(self) -> str:
         width = max([len(k) for k in self.styles] + [6])
@@ -56,7 +73,22 @@ class TPPlan:
             lines.append(f"{fqn:<{width}}  {style}{extra}")
         for fqn, attrs in self.attributes.items():
             lines.append(f"{fqn:<{width}}  set " + ", ".join(f"{a}={v}" for a, v in attrs.items()))
+        for fqn, inputs in self.head_inputs.items():
+            lines.append(f"{fqn:<{width}}  input " + ", ".join(f"{k} ({layout.replace('_', ' × ')} of {heads})"
+                                                                for k, (layout, heads) in inputs.items())
+                         + " sliced to this rank's heads where it holds all")
+        if self.parameters:
+            lines.append(f"TP shards {self.sharded_share:.1%} of the parameters ({self.sharded_parameters:,} of "
+                         f"{self.parameters:,})")
+        if self.blocks_without_tp:
+            lines.append(f"warning: {self.blocks_without_tp_message()}")
         return "\n".join(lines)
+
+    def blocks_without_tp_message(self) -> str:
+        return (f"no layer of the blocks `{self.blocks_without_tp}` is tensor-parallel: they run replicated on every "
+                f"TP rank (TP shards {self.sharded_share:.1%} of the parameters). Use pipeline or data parallelism "
+                "for this model (tensor_parallel_size=1), or give it a tp plan (transformers' "
+                "config.base_model_tp_plan).")
 
     __str__ = table
 
@@ -71,17 +103,39 @@ def tp_plan_for(module: nn.Module, tp_size: int, example_inputs: tuple | dict | 
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     styles, fused = _hf_plan(module)
-    source = "hf"
+    source, observed = "hf", {}
     if not styles:
-        styles, fused = _detect_plan(module, example_inputs)
+        styles, fused, observed = _detect_plan(module, example_inputs)
         source = "auto"
+    styles.update(_head_embeddings(module, styles))
     if not styles:
         raise ValueError(f"{type(module).__name__} has nothing to shard for tensor parallelism: no transformers "
                          "tp plan, no linear pair (column → row) connected by element-wise or attention operations, "
                          "no vocabulary embedding/head and no nn.MultiheadAttention. Use tensor_parallel_size=1.")
     plan = TPPlan(tp_size, styles, fused, source=source)
     plan.attributes = _validate_and_attributes(module, plan)
+    plan.head_inputs = _head_inputs(module, plan, observed)
+    _coverage(module, plan)
+    if plan.blocks_without_tp:
+        warnings.warn(f"{type(module).__name__}: {plan.blocks_without_tp_message()}", stacklevel=2)
     return plan
+
+
+def _coverage(module: nn.Module, plan: TPPlan) -> None:
+    """How many parameters the plan shards, and whether the repeated blocks (the largest ModuleList) got any."""
+    names = dict(module.named_modules())
+    sharded: dict[int, int] = {}
+    for fqn, style in plan.styles.items():
+        for pname, p in names[fqn].named_parameters():
+            if not (style == "rowwise" and pname == "bias"):  # a row-parallel bias stays replicated
+                sharded[id(p)] = p.numel()
+    plan.parameters = sum(p.numel() for p in module.parameters())
+    plan.sharded_parameters = sum(sharded.values())
+    lists = [(fqn, m) for fqn, m in names.items() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if lists:
+        fqn, _ = max(lists, key=lambda fm: sum(p.numel() for p in fm[1].parameters()))
+        if not any(style_fqn.startswith(f"{fqn}.") for style_fqn in plan.styles):
+            plan.blocks_without_tp = fqn
 
 
 # ---- transformers' own plan ----------------------------------------------------------------------------
@@ -120,7 +174,7 @@ _PROPAGATE = {
     "unflatten", "expand", "expand_as", "repeat_interleave", "squeeze", "unsqueeze", "to", "float", "half",
     "bfloat16", "type", "type_as", "clone", "narrow", "select", "cat", "add", "radd", "iadd", "sub", "rsub",
     "isub", "mul", "rmul", "imul", "div", "truediv", "rtruediv", "itruediv", "neg", "pow", "exp", "tanh",
-    "sigmoid", "relu", "gelu", "silu", "softmax", "dropout", "matmul", "bmm", "baddbmm", "masked_fill", "where",
+    "sigmoid", "relu", "gelu", "silu", "softmax", "log_softmax", "dropout", "matmul", "bmm", "baddbmm", "masked_fill", "where",
     "clamp", "scaled_dot_product_attention", "erf", "sqrt",
 }
 
@@ -153,9 +207,11 @@ class _FlowTracer(TorchFunctionMode):
         if not labels or name not in _PROPAGATE:
             return out
         # an operand without a label that depends on parameters or has the full shape (a residual stream)
-        # mixes all features in: stop here. Broadcast constants (masks, rotary tables) pass.
+        # mixes all features in: stop here. Broadcast constants (masks, rotary tables) pass, and so does a
+        # per-head bias broadcast over the batch (T5's learned relative position bias on the attention scores).
         shape = next(t.shape for t in tensors if self.label(t))
-        if any(not self.label(t) and t.numel() > 1 and (t.requires_grad or t.shape == shape) for t in tensors):
+        if any(not self.label(t) and t.numel() > 1 and (t.requires_grad or t.shape == shape)
+               and not _per_head_bias(t.shape, shape) for t in tensors):
             return out
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if name in ("split", "chunk") and tensors and id(tensors[0]) in self.direct and len(outs) > 1:
@@ -165,6 +221,11 @@ class _FlowTracer(TorchFunctionMode):
         for t in outs:
             self.set(t, labels)
         return out
+
+
+def _per_head_bias(bias: torch.Size, scores: torch.Size) -> bool:
+    """(1, heads, queries, keys) added to (batch, heads, queries, keys) attention scores."""
+    return len(bias) == len(scores) == 4 and bias[0] == 1 < scores[0] and bias[1:] == scores[1:]
 
 
 def _linears(module: nn.Module) -> dict[str, nn.Module]:
@@ -188,6 +249,13 @@ def _detect_plan(module: nn.Module, example_inputs) -> tuple[dict[str, str], dic
             tracer.direct[id(out)] = fqn
 
         handles += [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post)]
+    observed: dict[str, dict[str, tuple[tuple[int, ...], int]]] = {}
+    for fqn, m in module.named_modules():
+        if _query_heads(m) and not isinstance(m, nn.MultiheadAttention):
+            def see(_m, a, kw, fqn=fqn):
+                if fqn not in observed:
+                    observed[fqn] = _per_head_candidates(a, kw, tracer)
+            handles.append(m.register_forward_pre_hook(see, with_kwargs=True))
     args, kwargs = _example_inputs(module, example_inputs)
     # no side effects on the run that follows: no RNG draws (dropout), no BatchNorm statistics, modes restored
     modes = {m: m.training for m in module.modules()}
@@ -195,7 +263,7 @@ def _detect_plan(module: nn.Module, example_inputs) -> tuple[dict[str, str], dic
     try:
         with torch.random.fork_rng(devices=devices), tracer, torch.enable_grad():
             module.eval()
-            module(*args, **kwargs)
+            output = module(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -215,8 +283,62 @@ def _detect_plan(module: nn.Module, example_inputs) -> tuple[dict[str, str], dic
     for fqn, m in module.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             styles[fqn] = "mha_heads"
-    styles.update(_vocab_styles(module, linears, styles))
-    return styles, fused
+    styles.update(_vocab_styles(module, linears, styles, _logits_layer(output, tracer)))
+    return styles, fused, observed
+
+
+def _logits_layer(output, tracer: _FlowTracer) -> str | None:
+    """The linear layer whose output is the model's logits (``output.logits``, or a tensor output), directly or
+    through element-wise operations (a ``log_softmax``)."""
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, torch.Tensor):
+        logits = output
+    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        return None
+    labels = tracer.label(logits)
+    return tracer.direct.get(id(logits)) or (next(iter(labels)) if len(labels) == 1 else None)
+
+
+def _per_head_candidates(args: tuple, kwargs: dict, tracer: _FlowTracer) -> dict[str, tuple[tuple[int, ...], int]]:
+    """An attention module's parameter-free floating inputs (no layer's output flows into them; no gradient):
+    argument → (shape, batch size of its first input)."""
+    items = [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items())
+    first = next((t for _, t in items if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+    if first is None:
+        return {}
+    return {key: (tuple(t.shape), first.shape[0]) for key, t in items
+            if isinstance(t, torch.Tensor) and t is not first and t.is_floating_point() and not t.requires_grad
+            and not tracer.label(t)}
+
+
+def _head_inputs(module: nn.Module, plan: TPPlan, observed: dict) -> dict[str, dict[str, tuple[str, int]]]:
+    """Per-head tensors the model builds for all heads and hands to attention modules whose heads are sharded."""
+    names = dict(module.named_modules())
+    out: dict[str, dict[str, tuple[str, int]]] = {}
+    for fqn in plan.attributes:
+        heads = _query_heads(names[fqn])
+        for key, (shape, batch) in observed.get(fqn, {}).items():
+            if len(shape) == 3 and shape[0] == batch * heads:
+                out.setdefault(fqn, {})[key] = ("batch_heads", heads)
+            elif len(shape) == 4 and shape[1] == heads and shape[0] in (1, batch) and heads > 1:
+                out.setdefault(fqn, {})[key] = ("heads", heads)
+    return out
+
+
+def _head_embeddings(module: nn.Module, styles: dict[str, str]) -> dict[str, str]:
+    """An embedding inside an attention module whose heads are sharded, with one column per head (T5's relative
+    position bias): split by columns, so the bias it makes holds this rank's heads."""
+    names = dict(module.named_modules())
+    sharded = {owner for fqn, style in styles.items() if style.startswith("colwise")
+               for owner in [(_head_owner(names, fqn) or ("",))[0]] if owner}
+    out = {}
+    for fqn, m in names.items():
+        owner = _head_owner(names, fqn) if isinstance(m, nn.Embedding) and fqn not in styles else None
+        if owner and owner[0] in sharded and m.embedding_dim == _query_heads(owner[1]):
+            out[fqn] = "embedding_heads"
+    return out
 
 
 def _vocab_size(module: nn.Module) -> int | None:
@@ -229,8 +351,9 @@ def _vocab_size(module: nn.Module) -> int | None:
     return None
 
 
-def _vocab_styles(module: nn.Module, linears: dict[str, nn.Module], styles: dict[str, str]) -> dict[str, str]:
-    """Token embedding(s) and the output head of the vocabulary's size: vocabulary-parallel."""
+def _vocab_styles(module: nn.Module, linears: dict[str, nn.Module], styles: dict[str, str],
+                  logits_layer: str | None) -> dict[str, str]:
+    """Token embedding(s) and the output head (see the module docstring): vocabulary-parallel."""
     vocab = _vocab_size(module)
     embeddings = {n: m for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
     if vocab is None and embeddings:
@@ -238,11 +361,26 @@ def _vocab_styles(module: nn.Module, linears: dict[str, nn.Module], styles: dict
     if vocab is None:
         return {}
     out = {n: "embedding_vocab" for n, m in embeddings.items() if m.num_embeddings == vocab}
-    for n, lin in linears.items():
-        features = lin.nf if _is_conv1d(lin) else lin.out_features
-        if n not in styles and features == vocab:
-            out[n] = "head_vocab_gather"
+    head = _output_head(module, linears, out, logits_layer)
+    if head is not None and head not in styles:
+        lin = linears[head]
+        if (lin.nf if _is_conv1d(lin) else lin.out_features) == vocab:  # a classifier head stays replicated
+            out[head] = "head_vocab_gather"
     return out
+
+
+def _output_head(module: nn.Module, linears: dict[str, nn.Module], token_embeddings: dict[str, str],
+                 logits_layer: str | None) -> str | None:
+    names = {id(m): n for n, m in module.named_modules()}
+    get = getattr(module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Module) and names.get(id(head)) in linears:
+        return names[id(head)]
+    tied = {id(module.get_submodule(n).weight) for n in token_embeddings}
+    for n, lin in linears.items():
+        if id(lin.weight) in tied:
+            return n
+    return logits_layer
 
 
 def _example_inputs(module: nn.Module, example_inputs) -> tuple[tuple, dict]:
@@ -285,11 +423,12 @@ def _head_owner(names: dict[str, nn.Module], fqn: str) -> tuple[str, nn.Module] 
 
 
 def _head_dim(owner: nn.Module) -> int | None:
-    for attr in ("head_dim", "attention_head_size"):
+    for attr in ("head_dim", "attention_head_size", "key_value_proj_dim"):
         if isinstance(getattr(owner, attr, None), int):
             return getattr(owner, attr)
     heads = next((getattr(owner, a) for a in HEAD_ATTRS[:5] if isinstance(getattr(owner, a, None), int)), None)
-    width = getattr(owner, "embed_dim", None)
+    width = next((getattr(owner, a) for a in ("embed_dim", "inner_dim", "all_head_size")
+                  if isinstance(getattr(owner, a, None), int)), None)
     return width // heads if heads and isinstance(width, int) else None
 
 
@@ -308,6 +447,17 @@ def _validate_and_attributes(module: nn.Module, plan: TPPlan) -> dict[str, dict[
         if style == "mha_heads":
             if m.num_heads % t:
                 raise ValueError(f"{fqn}: {m.num_heads} attention heads are not divisible by tensor_parallel_size={t}")
+            continue
+        if style == "moe_experts":
+            down = m.down_proj
+            size = down.shape[1] if getattr(m, "is_transposed", False) else down.shape[2]
+            if size % t:
+                raise ValueError(f"{fqn}: the experts' {size} intermediate features are not divisible by "
+                                 f"tensor_parallel_size={t}")
+            continue
+        if style == "embedding_heads":
+            if m.embedding_dim % t:
+                raise ValueError(f"{fqn}: {m.embedding_dim} heads are not divisible by tensor_parallel_size={t}")
             continue
         if style == "embedding_vocab" or style == "head_vocab_gather":
             size = m.num_embeddings if isinstance(m, nn.Embedding) else (m.nf if _is_conv1d(m) else m.out_features)

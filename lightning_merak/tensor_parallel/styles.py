@@ -203,6 +203,77 @@ class MultiheadAttentionParallel(ParallelStyle):
         return f"MultiheadAttentionParallel(chunks={self.chunks})"
 
 
+class _GradAllReduce(torch.autograd.Function):
+    """Identity forward; the gradient (a partial sum on each rank) all-reduced: the input of a sharded region."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _AllReduce(torch.autograd.Function):
+    """Partial outputs summed over the ranks; the gradient passes unchanged: the output of a sharded region."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.contiguous().clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class ExpertsParallel(ParallelStyle):
+    """transformers' MoE experts (3-D ``gate_up_proj`` / ``down_proj``, one slice per expert): each expert's MLP split
+    by its intermediate features, as a column/row pair (transformers' ``moe_tp_experts``). Routing stays replicated,
+    so every rank sends the same tokens to the same experts; the experts' partial outputs are all-reduced.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if getattr(module, "has_bias", False):
+            raise NotImplementedError(f"tensor parallel MoE experts with biases are not supported ({type(module).__name__}"
+                                      "); use tensor_parallel_size=1 for this model")
+        transposed = getattr(module, "is_transposed", False)
+        # concatenated [gate; up] rows: each rank takes its part of gate and of up (strided); interleaved pairs split
+        gate_up = (_StridedShard(2 if transposed else 1, split_factor=2) if getattr(module, "is_concatenated", True)
+                   else Shard(2 if transposed else 1))
+        _distribute(module, "gate_up_proj", device_mesh, gate_up)
+        _distribute(module, "down_proj", device_mesh, Shard(1 if transposed else 2))
+        if isinstance(gate_up, _StridedShard):
+            _checkpoint_as_contiguous_shards(module, ("gate_up_proj",))
+        group, original = device_mesh.get_group(), module.forward
+
+        def forward(self_: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+            hidden_states = _GradAllReduce.apply(hidden_states, group)
+            args = tuple(_GradAllReduce.apply(a, group) if isinstance(a, torch.Tensor) and a.requires_grad else a
+                         for a in args)
+            kwargs = {k: _GradAllReduce.apply(v, group) if isinstance(v, torch.Tensor) and v.requires_grad else v
+                      for k, v in kwargs.items()}
+            params = {n: self_._parameters[n] for n in ("gate_up_proj", "down_proj")}
+            try:  # the experts' own forward (eager or grouped_mm) on this rank's slices
+                for n, p in params.items():
+                    self_._parameters[n] = _local(p)
+                out = original(hidden_states, *args, **kwargs)
+            finally:
+                self_._parameters.update(params)
+            return _AllReduce.apply(out, group)
+
+        module.forward = MethodType(forward, module)
+        return module
+
+    def __repr__(self) -> str:
+        return "ExpertsParallel()"
+
+
 def _make_mha_forward(group, k: int):
     def forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):

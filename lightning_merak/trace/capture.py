@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_merak._compat import hook_free_memo, tree_flatten
+from lightning_merak._compat import hook_free_memo, tree_flatten, without_output_capturing_flag
 
 
 class CaptureError(RuntimeError):
@@ -64,7 +64,7 @@ def meta_twin(module: nn.Module, device: str = "meta") -> nn.Module:
             continue
         meta = t.detach().to("meta") if device == "meta" else torch.zeros(t.shape, dtype=t.dtype, device=device)
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(module, memo)
+    return without_output_capturing_flag(copy.deepcopy(module, memo))
 
 
 @dataclass
@@ -87,6 +87,9 @@ class Capture:
     # per tensor key: taint set, reads [(time, kind, call_index, path)], shape, dtype
     tensors: dict[int, dict] = field(default_factory=dict)
     first_call: list[int] = field(default_factory=list)   # per unit: first call index (or -1)
+    # per unit: times its parameters are read outside its own calls (DeBERTa's relative embedding weight, read by
+    # every layer although the embedding module is never called)
+    param_reads: dict[int, list[int]] = field(default_factory=dict)
 
 
 METADATA = {"register_hook", "__get__", "size", "dim", "numel", "stride", "is_floating_point", "element_size", "is_contiguous",
@@ -133,6 +136,7 @@ class _Capturer:
         self.keys = WeakIdKeyDictionary()
         self.alive: list[torch.Tensor] = []
         self.info: dict[int, dict] = {}
+        self.param_reads: dict[int, list[int]] = {}
 
     def key(self, t: torch.Tensor) -> int:
         if t not in self.keys:
@@ -148,7 +152,10 @@ class _Capturer:
         return self.taint.get(t, set())
 
     def read(self, t: torch.Tensor, what: tuple) -> None:
-        if not self.taint_of(t) or id(t) in self.param_unit:
+        if id(t) in self.param_unit:
+            self.param_reads.setdefault(self.param_unit[id(t)], []).append(self.time)
+            return
+        if not self.taint_of(t):
             return
         self.time += 1
         self.info[self.key(t)]["reads"].append((self.time, what))
@@ -231,7 +238,9 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
         return t
 
     try:
-        with flops, _Taint(cap), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        # with grad even for an evaluation step: saved bytes are a training figure, and torch's module tracker
+        # (under the FLOP counter) fails on a parameter passed to a module under no_grad (DeBERTa's rel_embeddings)
+        with torch.enable_grad(), flops, _Taint(cap), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             twin(*margs, **mkwargs)
     except Exception as error:
         error.merak_module = _failing_module(twin, error)
@@ -239,7 +248,7 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
     finally:
         for h in hooks:
             h.remove()
-    result = Capture(units, cap.calls, unit_params, unit_flops, unit_saved)
+    result = Capture(units, cap.calls, unit_params, unit_flops, unit_saved, param_reads=cap.param_reads)
     result.tensors = {k: dict(v, taint=cap.taint_of(cap.alive[k])) for k, v in cap.info.items()}
     result.first_call = [next((c.index for c in cap.calls if c.unit == u), -1) for u in range(len(units))]
     return result
