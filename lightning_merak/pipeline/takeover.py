@@ -185,12 +185,28 @@ class StageRunner(nn.Module):
         with self.delta.forward():
             return self._forward(*received, mb=mb)
 
+    def _check_boundary_shapes(self, index: int) -> None:
+        """The next stage receives into buffers shaped by micro-batch 0: say so before sending another shape."""
+        _, first = self.stage.boundary_metas(*self.inputs[0])
+        _, this = self.stage.boundary_metas(*self.inputs[index])
+        for a, b in zip(first, this, strict=True):
+            if a.shape != b.shape:
+                raise PipelineInputError(
+                    f"Micro-batch {index} would send the next pipeline stage a tensor of shape {tuple(b.shape)}, "
+                    f"micro-batch 0 one of shape {tuple(a.shape)}: the micro-batches of one step must send tensors "
+                    "of one shape. Batches of graphs split by graph need equal node counts per micro-batch. Set "
+                    "MerakStrategy(num_microbatches=1) to pipeline the whole batch at once, or train without a "
+                    "pipeline (data parallelism and DELTA split nothing)."
+                )
+
     def _forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
         index = int(mb.reshape(-1)[0])
         if self.rng is not None:
             self.rng.start(self.batch_index, index, len(self.weights))
         if not self.is_last:
             args, kwargs = self.inputs[index]
+            if index:
+                self._check_boundary_shapes(index)
             return self.stage(*received, model_args=args, model_kwargs=kwargs)
 
         def run_stage(*args: Any, **kwargs: Any) -> Any:
