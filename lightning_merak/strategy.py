@@ -221,6 +221,7 @@ class MerakStrategy(ParallelStrategy):
             self._built = True
             topology.broadcast_module(self.lightning_module, topology.group(self._device_mesh, "dp"),
                                       topology.size(self._device_mesh, "dp"))
+            topology.sync_metrics_over(self.lightning_module, topology.group(self._device_mesh, "dp"))
         if self.config.rng == "microbatch" and self.rng_streams is None:
             self.rng_streams = self._rng_streams()
         self.barrier("merak_setup")
