@@ -20,14 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_merak import MerakStrategy  # noqa: E402
 from tests.graph.models import make_module  # noqa: E402
-
-
-class RecordLoss(pl.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
+from tests.scripts.pipeline_fit import RecordLoss  # noqa: E402
 
 
 def fit(out: Path, devices: int, run: dict) -> None:
