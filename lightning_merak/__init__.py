@@ -2,6 +2,7 @@
 
 from lightning_merak.config import MerakConfigError
 from lightning_merak.partition import plan_model
+from lightning_merak.pipeline.microbatch import register_batch_split
 from lightning_merak.strategy import MerakStrategy
 
 __version__ = "0.1.0"
@@ -19,4 +20,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["MerakStrategy", "MerakConfigError", "plan_model"]
+__all__ = ["MerakStrategy", "MerakConfigError", "plan_model", "register_batch_split"]

@@ -216,6 +216,7 @@ class MerakStrategy(ParallelStrategy):
             self._engine = self._build_engine(trainer)
             topology.broadcast_module(self.lightning_module, topology.group(self._device_mesh, "dp"),
                                       topology.size(self._device_mesh, "dp"))
+            topology.sync_metrics_over(self.lightning_module, topology.group(self._device_mesh, "dp"))
         self.barrier("merak_setup")
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)

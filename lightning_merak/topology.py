@@ -107,3 +107,15 @@ def broadcast_module(module: torch.nn.Module, grp: dist.ProcessGroup | None, wor
         for t in list(module.parameters()) + list(module.buffers()):
             local = t._local_tensor if hasattr(t, "_local_tensor") else t
             dist.broadcast(local.data, src=src, group=grp)
+
+
+def sync_metrics_over(module: torch.nn.Module, grp: dist.ProcessGroup | None) -> None:
+    """torchmetrics sync their state over the whole world by default, but the pipeline and tensor-parallel peers
+    of one replica hold the same state (replayed from the last stage, or computed alike): counted again, every
+    sample would count several times, which changes list-state metrics (retrieval, AUROC). Sync over ``grp``
+    (the data-parallel group) instead, unless the user chose a group."""
+    from torchmetrics import Metric
+
+    for sub in module.modules():
+        if isinstance(sub, Metric) and sub.process_group is None:
+            sub.process_group = grp

@@ -22,18 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_merak._compat import load_metric_state, metric_state, tree_flatten, tree_map
+from lightning_merak._compat import load_metric_state, metric_state
 from lightning_merak.intercept import wrap_forward
+from lightning_merak.pipeline.microbatch import (  # noqa: F401 - callers import the splitting from here too
+    PipelineInputError,
+    batch_size_of,
+    split_batch,
+)
 
 
 class _Captured(Exception):
     def __init__(self, args: tuple, kwargs: dict) -> None:
         super().__init__("captured")
         self.args, self.kwargs = args, kwargs
-
-
-class PipelineInputError(RuntimeError):
-    """The batch or the step cannot be pipelined; the message says why and what to do."""
 
 
 @contextmanager
@@ -88,39 +89,6 @@ def capture_model_call(step: Callable[..., Any], module: nn.Module, lightning_mo
         "`self.model(**batch)` or `self(x)` whose forward calls it). Set MerakStrategy(pipeline_module=...) to "
         "the attribute path of the module your step uses."
     )
-
-
-def batch_size_of(batch: Any) -> int:
-    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
-    if not leaves:
-        raise PipelineInputError("The batch holds no tensor with a batch dimension; nothing can be split into "
-                                 "micro-batches.")
-    return leaves[0].shape[0]
-
-
-def split_batch(batch: Any, num_microbatches: int) -> list[Any]:
-    """Split every tensor with the batch's leading size into ``num_microbatches`` equal parts along dim 0.
-
-    Parts must be equal: pipeline receive buffers have one shape per step. Other leaves are replicated.
-    """
-    size = batch_size_of(batch)
-    if size < num_microbatches:
-        raise PipelineInputError(
-            f"A batch of {size} samples cannot be split into {num_microbatches} micro-batches. Increase the batch "
-            f"size to at least {num_microbatches} or lower MerakStrategy(num_microbatches=...)."
-        )
-    if size % num_microbatches:
-        raise PipelineInputError(
-            f"A batch of {size} samples does not split evenly into {num_microbatches} micro-batches; use a batch "
-            f"size that is a multiple of num_microbatches (or drop_last=True in the DataLoader)."
-        )
-
-    def chunk(t: Any, i: int) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size:
-            return t.tensor_split(num_microbatches)[i]
-        return t
-
-    return [tree_map(lambda t, i=i: chunk(t, i), batch) for i in range(num_microbatches)]
 
 
 class LogRecorder:
@@ -215,12 +183,28 @@ class StageRunner(nn.Module):
         with self.delta.forward():
             return self._forward(*received, mb=mb)
 
+    def _check_boundary_shapes(self, index: int) -> None:
+        """The next stage receives into buffers shaped by micro-batch 0: say so before sending another shape."""
+        _, first = self.stage.boundary_metas(*self.inputs[0])
+        _, this = self.stage.boundary_metas(*self.inputs[index])
+        for a, b in zip(first, this, strict=True):
+            if a.shape != b.shape:
+                raise PipelineInputError(
+                    f"Micro-batch {index} would send the next pipeline stage a tensor of shape {tuple(b.shape)}, "
+                    f"micro-batch 0 one of shape {tuple(a.shape)}: the micro-batches of one step must send tensors "
+                    "of one shape. Batches of graphs split by graph need equal node counts per micro-batch. Set "
+                    "MerakStrategy(num_microbatches=1) to pipeline the whole batch at once, or train without a "
+                    "pipeline (data parallelism and DELTA split nothing)."
+                )
+
     def _forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
         index = int(mb.reshape(-1)[0])
         if self.rng is not None:
             self.rng.start(self.batch_index, index, len(self.weights))
         if not self.is_last:
             args, kwargs = self.inputs[index]
+            if index:
+                self._check_boundary_shapes(index)
             return self.stage(*received, model_args=args, model_kwargs=kwargs)
 
         def run_stage(*args: Any, **kwargs: Any) -> Any:
