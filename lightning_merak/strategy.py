@@ -12,7 +12,6 @@ import socket
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
@@ -411,20 +410,23 @@ class MerakStrategy(ParallelStrategy):
         if storage_options is not None:
             raise TypeError("MerakStrategy.save_checkpoint(storage_options=...) is not supported: checkpoints are "
                             "written with torch.distributed.checkpoint.")
-        path = Path(self.broadcast(str(filepath)))
+        ckpt.check_checkpoint_io(self._checkpoint_io)
+        path = ckpt.local_path(self.broadcast(str(filepath)))
         assert self.lightning_module is not None
         ckpt.save_sharded(path, checkpoint, self.lightning_module, self.optimizers, self.is_global_zero,
                           stage=topology.local_rank(self._device_mesh, "pp"),
                           stage_of=self._engine.stage_of_parameters() if self._engine is not None else None)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
+        """``weights_only=False`` (Lightning's argument) trusts the checkpoint; otherwise it loads as data only."""
+        path = ckpt.local_path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
-        return ckpt.load(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading)
+        return ckpt.load(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading,
+                         weights_only=weights_only)
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero:
-            ckpt.remove(Path(filepath))
+            ckpt.remove(ckpt.local_path(filepath))
 
     def _first_of_stage(self) -> bool:
         """The rank that speaks for its pipeline stage: data- and tensor-parallel coordinate 0."""
