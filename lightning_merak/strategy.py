@@ -202,7 +202,7 @@ class MerakStrategy(ParallelStrategy):
         self._process_group_backend = backend
         device_id = self.root_device if self.root_device.type != "cpu" else None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout, device_id=device_id)
-        self._device_mesh = topology.build_mesh(self.root_device.type, dp, pp, tp)
+        self._device_mesh = topology.build_mesh(self.root_device.type, dp, pp, tp, timeout=self._timeout)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
         hosts = [None] * self.world_size
