@@ -192,11 +192,11 @@ class _SafeBytesMixin:
 
 
 class SafeLoadPlanner(_SafeBytesMixin, DefaultLoadPlanner):
-    pass
+    """DCP's planner for a template state dict, with checked non-tensor entries."""
 
 
 class _SafeEverythingPlanner(_SafeBytesMixin, _EmptyStateDictLoadPlanner):
-    pass
+    """DCP's planner that loads every entry (consolidation), with checked non-tensor entries."""
 
 
 def _dcp_load(load: Any, *args: Any, **kwargs: Any) -> Any:
@@ -236,8 +236,6 @@ def _optimizer_entry(module: torch.nn.Module, optimizer: Any, stage: int = 0,
     stages = {name: (stage_of or {}).get(id(p), stage) for name, p in named}
     position = {name: [stages.get(name, stage), module_order.get(name, -1)] for name in group_of}
     return {"state": sd["state"], "group_of": group_of, "groups": groups, "position": position}
-
-
 
 
 def _staging_path(path: Path) -> Path:
@@ -293,13 +291,13 @@ def _write_synced(path: Path, data: bytes) -> None:
 def _replace(staging: Path, path: Path) -> None:
     """Give the complete ``staging`` folder the name ``path``; the old checkpoint is removed only afterwards."""
     old = None
-    if path.is_dir():
+    if path.is_symlink() or path.is_file():  # save_last="link" makes last.ckpt a link
+        path.unlink()
+    elif path.is_dir():
         old = staging.with_name(staging.name + "-old")
         if old.exists():
             shutil.rmtree(old)
         path.rename(old)
-    elif path.exists():
-        path.unlink()
     staging.rename(path)
     if old is not None:
         shutil.rmtree(old)
@@ -430,8 +428,10 @@ def consolidate(folder: Path, output: Path, weights_only: bool | None = None) ->
 
 
 def remove(path: Path) -> None:
-    """Delete a checkpoint Merak wrote: a complete sharded folder, or a file. Any other folder is refused."""
-    if path.is_dir():
+    """Delete a checkpoint Merak wrote: a complete sharded folder, or a file or link. Any other folder is refused."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
         if not is_sharded_checkpoint(path):
             raise CheckpointError(f"refusing to delete {path}: it is a folder without {COMPLETE_FILE}, so not a "
                                   "checkpoint MerakStrategy wrote. Delete it yourself if it should go.")

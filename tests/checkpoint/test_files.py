@@ -12,6 +12,10 @@ from lightning_merak import cli
 from lightning_merak.checkpoint import COMPLETE_FILE, CheckpointError
 from lightning_merak.strategy import MerakStrategy
 from tests.checkpoint.payload import non_shard_files, poison
+from tests.helpers.models import RegressionModule
+
+# DCP says so for every save and load without a process group, which is the point here
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
 def _model_and_optimizer(seed: int):
@@ -59,12 +63,24 @@ def test_every_non_shard_file_refused_when_poisoned(saved, tmp_path):
     assert not (tmp_path / "out.ckpt").exists()
 
 
-def test_weights_only_false_trusts_the_file(saved, tmp_path):
-    """``weights_only=False`` is the user's explicit trust: the pickle is unpickled in full (and runs)."""
-    path, model, opt = saved
+def test_strategy_load_checkpoint_honours_weights_only(tmp_path):
+    """``weights_only=False`` is the user's explicit trust: the pickle is unpickled in full (and runs).
+
+    (Lightning 2.6's Trainer does not pass ``fit(weights_only=...)`` on to strategies that restore after setup,
+    so through the Trainer a MerakStrategy checkpoint always loads as data only.)"""
+    module = RegressionModule(hidden=4, depth=2)
+    strategy = MerakStrategy()
+    strategy.connect(module)
+    path = tmp_path / "m.ckpt"
+    ckpt.save_sharded(path, {"epoch": 1}, module, [], is_rank_zero=True)
+    assert strategy.load_checkpoint(str(path))["epoch"] == 1
     marker = tmp_path / "trusted"
     poison(path / "meta.pt", marker)
-    ckpt.load(path, model, [opt], weights_only=False)
+    for weights_only in (None, True):
+        with pytest.raises(CheckpointError, match="meta.pt cannot be loaded safely"):
+            strategy.load_checkpoint(str(path), weights_only=weights_only)
+        assert not marker.exists()
+    strategy.load_checkpoint(str(path), weights_only=False)
     assert marker.exists()
 
 

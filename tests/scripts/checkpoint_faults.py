@@ -60,7 +60,7 @@ class NotedModule(RegressionModule):
 
 def module():
     pl.seed_everything(0, workers=False)
-    return NotedModule(hidden=8, depth=3, batch_size=4)
+    return NotedModule(hidden=8, depth=3, batch_size=4, n=32)
 
 
 def trainer(root, epochs, callbacks=()):
@@ -84,11 +84,11 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     ckpts = out / "ckpts"
     full = module()
-    trainer(out / "full", 3).fit(full)
+    trainer(out / "full", 2).fit(full)
 
     part = module()
     FAULT["armed"] = True
-    fault = attempt(lambda: trainer(out / "part", 3, [ModelCheckpoint(dirpath=ckpts, save_last=True)]).fit(part))
+    fault = attempt(lambda: trainer(out / "part", 2, [ModelCheckpoint(dirpath=ckpts, save_last=True)]).fit(part))
     FAULT["armed"] = False
     rank = dist.get_rank()
     after_fault = sorted(p.name for p in ckpts.iterdir())
@@ -98,7 +98,7 @@ if __name__ == "__main__":
     dist.barrier()
 
     resumed = module()
-    trainer(out / "resumed", 3, [ModelCheckpoint(dirpath=ckpts, save_last=True)]).fit(resumed, ckpt_path="last")
+    trainer(out / "resumed", 2, [ModelCheckpoint(dirpath=ckpts, save_last=True)]).fit(resumed, ckpt_path="last")
     after_resume = sorted(p.name for p in ckpts.iterdir())
 
     files = [p.name for p in non_shard_files(pristine)]
@@ -110,7 +110,7 @@ if __name__ == "__main__":
             for target in files if name == "*" else [name]:
                 poison(copy / target, out / "pwned")
         dist.barrier()
-        poisoned[name] = (str(copy), attempt(lambda copy=copy: trainer(out / "poisoned", 3).fit(module(), ckpt_path=copy)))
+        poisoned[name] = (str(copy), attempt(lambda copy=copy: trainer(out / "poisoned", 2).fit(module(), ckpt_path=copy)))
     dist.barrier()
     torch.save({"full_losses": full.step_losses, "part_losses": part.step_losses, "fault": fault,
                 "resumed_losses": resumed.step_losses, "loaded_note": resumed.loaded_note,
