@@ -423,18 +423,23 @@ def consolidate(folder: Path, output: Path, weights_only: bool | None = None) ->
         i += 1
     out["optimizer_states"] = optimizer_states
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, output)
+    partial = output.with_name(f".{output.name}.partial")  # complete or absent, like the folders
+    torch.save(out, partial)
+    os.replace(partial, output)
     return output
 
 
+def check_removable(path: Path) -> None:
+    """Only what Merak wrote may be deleted: a complete sharded folder, a file or a link."""
+    if path.is_dir() and not path.is_symlink() and not is_sharded_checkpoint(path):
+        raise CheckpointError(f"refusing to delete {path}: it is a folder without {COMPLETE_FILE}, so not a "
+                              "checkpoint MerakStrategy wrote. Delete it yourself if it should go.")
+
+
 def remove(path: Path) -> None:
-    """Delete a checkpoint Merak wrote: a complete sharded folder, or a file or link. Any other folder is refused."""
-    if path.is_symlink():
-        path.unlink()
-    elif path.is_dir():
-        if not is_sharded_checkpoint(path):
-            raise CheckpointError(f"refusing to delete {path}: it is a folder without {COMPLETE_FILE}, so not a "
-                                  "checkpoint MerakStrategy wrote. Delete it yourself if it should go.")
+    """Delete a checkpoint Merak wrote (see ``check_removable``); any other folder is refused."""
+    check_removable(path)
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()

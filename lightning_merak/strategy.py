@@ -425,8 +425,10 @@ class MerakStrategy(ParallelStrategy):
                          weights_only=weights_only)
 
     def remove_checkpoint(self, filepath: Any) -> None:
+        path = ckpt.local_path(filepath)
+        ckpt.check_removable(path)  # on every rank, so a refusal stops all of them, not rank 0 alone
         if self.is_global_zero:
-            ckpt.remove(ckpt.local_path(filepath))
+            ckpt.remove(path)
 
     def _first_of_stage(self) -> bool:
         """The rank that speaks for its pipeline stage: data- and tensor-parallel coordinate 0."""

@@ -112,8 +112,12 @@ def test_incomplete_folder_is_not_loaded_removed_or_overwritten(saved, tmp_path)
     assert (user / "notes.txt").read_text() == "keep"
 
 
-def test_complete_folder_removed(saved):
+def test_complete_folder_and_link_removed(saved):
     path, _, _ = saved
+    link = path.with_name("last.ckpt")  # ModelCheckpoint(save_last="link")
+    link.symlink_to(path)
+    MerakStrategy().remove_checkpoint(str(link))
+    assert not link.is_symlink() and (path / COMPLETE_FILE).is_file()
     MerakStrategy().remove_checkpoint(str(path))
     assert not path.exists()
 
