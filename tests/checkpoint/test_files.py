@@ -122,10 +122,18 @@ def test_complete_folder_and_link_removed(saved):
     assert not path.exists()
 
 
-def test_urls(tmp_path):
+def test_remote_urls_and_checkpoint_io_plugins_refused_at_save(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"'s3://bucket/x.ckpt' is a s3:// URL"):
-        ckpt.local_path("s3://bucket/x.ckpt")
+        MerakStrategy().save_checkpoint({}, "s3://bucket/x.ckpt")
+    assert list(tmp_path.iterdir()) == []  # no folder named "s3:"
+    with pytest.raises(CheckpointError, match="memory:// URL"):
+        MerakStrategy().load_checkpoint("memory://x.ckpt")
     assert ckpt.local_path(f"file://{tmp_path}/x.ckpt") == tmp_path / "x.ckpt"
+    with pytest.raises(CheckpointError, match="checkpoint_io=AsyncCheckpointIO is not supported"):
+        MerakStrategy(checkpoint_io=AsyncCheckpointIO()).save_checkpoint({}, tmp_path / "x.ckpt")
 
 
 def test_poisoned_non_tensor_entry_in_a_shard_refused(tmp_path, monkeypatch):
