@@ -92,12 +92,9 @@ def allreduce_grads(params: list[torch.nn.Parameter], grp: dist.ProcessGroup | N
     DTensor gradients (tensor parallel) are reduced through their local shard: each tp rank averages its own
     shard with the same shard of the other replicas.
     """
-    if world <= 1:
+    if world <= 1 or not params:
         return
-    device = next((p.grad.device for p in params if p.grad is not None), params[0].device if params else None)
-    if device is None:
-        return
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
     dist.all_reduce(present, group=grp)
     grads = []
     for p, anywhere in zip(params, present.tolist(), strict=True):
