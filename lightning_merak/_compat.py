@@ -46,20 +46,24 @@ from lightning.fabric.utilities.distributed import (  # noqa: E402
 from lightning.fabric.utilities.optimizer import _optimizers_to_device  # noqa: E402
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
-from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map  # noqa: E402
+
+# DCP's planner that loads every entry of a checkpoint (no template state dict)
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner  # noqa: E402
 
 # batch-coupled layers (their common base class is private)
 BATCH_NORM_TYPES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
 
-def dcp_load_everything(folder) -> dict:
-    """Read a whole DCP folder into memory without a process group (torch offers this only privately)."""
+def dcp_load_everything(folder, storage_reader=None, planner=None) -> dict:
+    """Read a whole DCP folder into memory without a process group (torch offers this only privately).
+    ``storage_reader`` / ``planner``: replacements for DCP's (an ``_EmptyStateDictLoadPlanner`` subclass)."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    _load_state_dict(state, storage_reader=storage_reader or FileSystemReader(folder),
+                     planner=planner or _EmptyStateDictLoadPlanner(), no_dist=True)
     return state
 
 
@@ -107,6 +111,7 @@ def load_metric_state(metric, state: dict) -> None:
 
 __all__ = [
     "dcp_load_everything",
+    "_EmptyStateDictLoadPlanner",
     "dataloader_for",
     "skip_lightning_backward",
     "reset_optimizers",
@@ -121,6 +126,7 @@ __all__ = [
     "_SubprocessScriptLauncher",
     "TrainerFn",
     "tree_flatten",
+    "tree_leaves",
     "tree_map",
 ]
 

@@ -6,17 +6,35 @@ shards as DTensors), plus ``meta.pt`` from rank 0 with everything else Lightning
 schedulers). Optimizer state is keyed by parameter name too, with each parameter's param-group index stored
 under its own key, so ranks holding different parameters never overwrite each other's entries. Loading asks
 DCP only for the keys the loading rank holds, which is why a dp x pp x tp checkpoint resumes on any layout.
+
+Atomic: a checkpoint is written into a hidden sibling folder, ``merak_checkpoint.json`` is written last, and
+only then does the folder take the checkpoint's name (the previous checkpoint of that name is kept until the
+new one is complete). A folder without the marker is never loaded, overwritten or removed.
+
+Safe: nothing in a checkpoint runs code on load unless the caller trusts it (Lightning's ``weights_only=False``).
+``meta.pt`` and DCP's non-tensor entries are read with ``torch.load(weights_only=True)``, which admits every
+standard Lightning entry (loops, ModelCheckpoint, EarlyStopping, LR schedulers, plain hparams); classes of
+your own pass after ``torch.serialization.add_safe_globals``. DCP's ``.metadata``, a plain pickle, is read by
+an unpickler that builds only DCP's metadata classes, torch sizes/dtypes/layouts and paths.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -25,13 +43,178 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lightning_merak._compat import _distributed_is_initialized, dcp_load_everything
+from lightning_merak._compat import (
+    _distributed_is_initialized,
+    _EmptyStateDictLoadPlanner,
+    dcp_load_everything,
+)
 
 META_FILE = "meta.pt"
+DCP_METADATA_FILE = ".metadata"
+COMPLETE_FILE = "merak_checkpoint.json"  # written last: a folder holding it is a complete Merak checkpoint
+FORMAT = {"format": "lightning_merak sharded checkpoint", "version": 1}
+_TRUST_HINT = ("If you trust this file, load it with weights_only=False (e.g. trainer.fit(..., ckpt_path=..., "
+               "weights_only=False)); for classes of your own, torch.serialization.add_safe_globals([...]) admits "
+               "them.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, read or removed safely; the message names the file and what to do."""
+
+
+def local_path(filepath: Any) -> Path:
+    """The local folder of a checkpoint path; ``file://`` URLs are local, other URLs are refused (DCP writes
+    through the local file system here: ``s3://b/x.ckpt`` would otherwise become a folder named ``s3:``)."""
+    text = os.fspath(filepath)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        if scheme != "file":
+            raise CheckpointError(
+                f"checkpoint path {text!r} is a {scheme}:// URL, but MerakStrategy writes and reads sharded "
+                "checkpoints on a local (or mounted network) file system only. Use a local path, e.g. "
+                "ModelCheckpoint(dirpath='/mnt/bucket/ckpts') on a mounted bucket, and copy the folder afterwards."
+            )
+        text = rest
+    return Path(text)
+
+
+def check_checkpoint_io(checkpoint_io: Any) -> None:
+    """A ``CheckpointIO`` plugin would be silently bypassed (DCP writes the shards), so only the default passes."""
+    from lightning.fabric.plugins import TorchCheckpointIO
+
+    if checkpoint_io is not None and type(checkpoint_io) is not TorchCheckpointIO:
+        raise CheckpointError(
+            f"checkpoint_io={type(checkpoint_io).__name__} is not supported by MerakStrategy: each rank writes its "
+            "shards with torch.distributed.checkpoint, so a CheckpointIO plugin would never see them. Remove the "
+            "plugin; to save elsewhere, point ModelCheckpoint(dirpath=...) at a mounted folder."
+        )
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / META_FILE).is_file()
+    """A complete Merak checkpoint: a folder whose completion marker was written (last)."""
+    return path.is_dir() and (path / COMPLETE_FILE).is_file()
+
+
+def _check_complete(path: Path) -> None:
+    marker = path / COMPLETE_FILE
+    if not marker.is_file():
+        raise CheckpointError(
+            f"{path} is a folder but not a complete Merak checkpoint: it lacks {COMPLETE_FILE}, which MerakStrategy "
+            "writes last, so its save was interrupted or another tool wrote it. Load an earlier checkpoint."
+        )
+    try:
+        found = json.loads(marker.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{marker} is not the JSON completion marker MerakStrategy writes ({err}); the folder "
+                              "was altered after saving. Load an earlier checkpoint.") from None
+    if found != FORMAT:
+        raise CheckpointError(f"{marker} holds {str(found)[:200]}, not {FORMAT}: not a checkpoint this version of "
+                              "lightning_merak wrote.")
+
+
+def _reason(err: Exception) -> str:
+    """One line of why a load failed: torch's weights-only refusal spans a page, one line names the global."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refused = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
+    return (refused or lines or [type(err).__name__])[0]
+
+
+def _load_torch_file(path: Path, weights_only: bool | None) -> Any:
+    """``torch.load`` that builds only tensors and plain containers unless the caller trusts the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only is not False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint folder is incomplete.") from None
+    except Exception as err:  # UnpicklingError, a torn zip, an unknown class: all mean "not what we wrote"
+        raise CheckpointError(f"{path} cannot be loaded safely: {_reason(err)}. {_TRUST_HINT}") from err
+
+
+# --- DCP's .metadata: a plain pickle in torch 2.13 -------------------------------------------------------
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA_CLASSES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
+                     ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, torch sizes, dtypes and layouts, paths and builtin containers only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _METADATA_MODULES:  # the classes defined there, not what the module imports
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:
+                return found
+        elif (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a type DCP metadata holds")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's reader with ``.metadata`` read by ``_MetadataUnpickler`` instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return read_dcp_metadata(Path(self.path), load_id=self.load_id)
+
+
+def read_dcp_metadata(folder: Path, load_id: str | None = None) -> Metadata:
+    path = folder / DCP_METADATA_FILE
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint folder is incomplete.") from None
+    except Exception as err:
+        raise CheckpointError(f"{path} cannot be loaded safely: {_reason(err)}. It is not the metadata DCP writes; the "
+                              "folder was altered after saving. Load an earlier checkpoint.") from err
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP Metadata.")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    metadata.storage_meta.load_id = load_id
+    return metadata
+
+
+class _SafeBytesMixin:
+    """DCP loads non-tensor entries (our optimizer bookkeeping) with ``torch.load(weights_only=False)``: check
+    each with ``weights_only=True`` first, so only plain data reaches the full unpickler."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"the checkpoint entry {read_item.dest_index.fqn!r} (in a .distcp shard) cannot be "
+                                  f"loaded safely: {_reason(err)}. {_TRUST_HINT}") from err
+        value.seek(0)
+        super().load_bytes(read_item, value)  # type: ignore[misc]
+
+
+class SafeLoadPlanner(_SafeBytesMixin, DefaultLoadPlanner):
+    """DCP's planner for a template state dict, with checked non-tensor entries."""
+
+
+class _SafeEverythingPlanner(_SafeBytesMixin, _EmptyStateDictLoadPlanner):
+    """DCP's planner that loads every entry (consolidation), with checked non-tensor entries."""
+
+
+def _dcp_load(load: Any, *args: Any, **kwargs: Any) -> Any:
+    """DCP wraps any rank's failure in a ``CheckpointException`` (a BaseException, with every rank's traceback);
+    ours are raised as they are, so the message names the file first."""
+    try:
+        return load(*args, **kwargs)
+    except CheckpointException as wrapped:
+        ours = [exc for exc, _ in wrapped.failures.values() if isinstance(exc, CheckpointError)]
+        if ours:
+            raise CheckpointError(str(ours[0])) from wrapped
+        raise
+
+
+def _reader_and_planner(folder: Path, weights_only: bool | None, everything: bool = False) -> tuple[Any, Any]:
+    if weights_only is False:  # the caller trusts the folder: DCP's own reader and planner
+        return FileSystemReader(folder), (_EmptyStateDictLoadPlanner() if everything else DefaultLoadPlanner())
+    return SafeFileSystemReader(folder), (_SafeEverythingPlanner() if everything else SafeLoadPlanner())
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -55,43 +238,95 @@ def _optimizer_entry(module: torch.nn.Module, optimizer: Any, stage: int = 0,
     return {"state": sd["state"], "group_of": group_of, "groups": groups, "position": position}
 
 
+def _staging_path(path: Path) -> Path:
+    # a hidden sibling whose name does not contain the checkpoint's (Lightning finds "last" checkpoints by name)
+    return path.parent / f".merak-partial-{hashlib.sha1(path.name.encode()).hexdigest()[:16]}"
+
+
+def _barrier() -> None:
+    if _distributed_is_initialized():
+        dist.barrier()
+
+
+def _check_replaceable(path: Path) -> None:
+    if path.is_dir() and not is_sharded_checkpoint(path) and any(path.iterdir()):
+        raise CheckpointError(f"{path} exists and is not a complete Merak checkpoint (no {COMPLETE_FILE}): "
+                              "MerakStrategy does not overwrite it. Move it away or choose another checkpoint path.")
 
 
 def save_sharded(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module, optimizers: list[Any],
                  is_rank_zero: bool, stage: int = 0, stage_of: dict[int, int] | None = None) -> None:
     """Write ``checkpoint`` (Lightning's dict) as a DCP folder; weights and optimizer state come from the live
-    module and optimizers so each rank contributes exactly what it holds."""
-    if path.is_file():
-        path.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+    module and optimizers so each rank contributes exactly what it holds. Every rank calls this.
+
+    Atomic (see module docstring): a failure on any rank leaves the previous checkpoint at ``path`` untouched
+    and the partial one in a hidden sibling folder, which the next save to ``path`` clears."""
+    _check_replaceable(path)  # on every rank (same file system), so a refusal does not leave peers waiting
+    staging = _staging_path(path)
+    if is_rank_zero and staging.exists():
+        shutil.rmtree(staging)
+    _barrier()
+    staging.mkdir(parents=True, exist_ok=True)
     checkpoint = dict(checkpoint)
     checkpoint.pop("state_dict", None)
     checkpoint.pop("optimizer_states", None)
     state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}
     for i, opt in enumerate(optimizers):
         state[f"optimizer_{i}"] = _optimizer_entry(module, opt, stage, stage_of)
-    dcp.save(state, checkpoint_id=path, no_dist=not _distributed_is_initialized())
+    dcp.save(state, checkpoint_id=staging, no_dist=not _distributed_is_initialized())  # returns once all wrote
     if is_rank_zero:
-        torch.save(checkpoint, path / META_FILE)
+        torch.save(checkpoint, staging / META_FILE)
+        _write_synced(staging / COMPLETE_FILE, json.dumps(FORMAT).encode())
+        _replace(staging, path)
+    _barrier()
 
 
-def load(path: Path, module: torch.nn.Module, optimizers: list[Any], strict: bool = True) -> dict[str, Any]:
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace(staging: Path, path: Path) -> None:
+    """Give the complete ``staging`` folder the name ``path``; the old checkpoint is removed only afterwards."""
+    old = None
+    if path.is_symlink() or path.is_file():  # save_last="link" makes last.ckpt a link
+        path.unlink()
+    elif path.is_dir():
+        old = staging.with_name(staging.name + "-old")
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)
+    staging.rename(path)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def load(path: Path, module: torch.nn.Module, optimizers: list[Any], strict: bool = True,
+         weights_only: bool | None = None) -> dict[str, Any]:
     """Load a sharded folder (any topology) or a plain ``.ckpt`` file into this rank's module and optimizers;
-    return the remaining Lightning checkpoint entries (loops, callbacks, ...)."""
+    return the remaining Lightning checkpoint entries (loops, callbacks, ...). ``weights_only=False`` means the
+    caller trusts the checkpoint (its pickles may run code); ``None`` and ``True`` load data only."""
     if not path.exists():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
-    if not is_sharded_checkpoint(path):
-        return _load_full_file(path, module, optimizers, strict)
+    if not path.is_dir():
+        return _load_full_file(path, module, optimizers, strict, weights_only)
+    _check_complete(path)
+    # read the non-tensor files before any collective, so a bad file fails every rank at once, by name
+    meta = _load_torch_file(path / META_FILE, weights_only)
+    if weights_only is not False:
+        read_dcp_metadata(path)
     model_sd = get_model_state_dict(module)
     state: dict[str, Any] = {"state_dict": model_sd}
     templates = [_optimizer_entry(module, opt) for opt in optimizers]
     for i, entry in enumerate(templates):
         state[f"optimizer_{i}"] = entry
-    dcp.load(state, checkpoint_id=path, no_dist=not _distributed_is_initialized())
+    reader, planner = _reader_and_planner(path, weights_only)
+    _dcp_load(dcp.load, state, storage_reader=reader, planner=planner, no_dist=not _distributed_is_initialized())
     set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=strict))
     for i, opt in enumerate(optimizers):
         _restore_optimizer(module, opt, state[f"optimizer_{i}"])
-    meta = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
     return meta
 
 
@@ -104,9 +339,10 @@ def _restore_optimizer(module: torch.nn.Module, optimizer: Any, entry: dict[str,
     set_optimizer_state_dict(module, opt, {"state": entry.get("state", {}), "param_groups": groups})
 
 
-def _load_full_file(path: Path, module: torch.nn.Module, optimizers: list[Any], strict: bool) -> dict[str, Any]:
+def _load_full_file(path: Path, module: torch.nn.Module, optimizers: list[Any], strict: bool,
+                    weights_only: bool | None = None) -> dict[str, Any]:
     """A consolidated (or plain Lightning) checkpoint: full tensors keyed by name; optimizer state by position."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = _load_torch_file(path, weights_only)
     local = get_model_state_dict(module)
     full = checkpoint["state_dict"]
     missing = [k for k in local if k not in full]
@@ -164,13 +400,18 @@ def positional_to_named(opt_sd: dict[str, Any], order: list[str] | None) -> dict
     return {"state": {order[pid]: s for pid, s in opt_sd["state"].items()}, "group_of": group_of, "groups": groups}
 
 
-def consolidate(folder: Path, output: Path) -> Path:
+def consolidate(folder: Path, output: Path, weights_only: bool | None = None) -> Path:
     """Merge a sharded folder into one ordinary Lightning checkpoint file (full tensors, positional optimizer
-    state), loadable with ``MyModule.load_from_checkpoint`` and resumable with ``trainer.fit(ckpt_path=...)``."""
-    if not is_sharded_checkpoint(folder):
-        raise ValueError(f"{folder} is not a Merak sharded checkpoint (a folder with {META_FILE}).")
-    raw = dcp_load_everything(folder)
-    meta = torch.load(folder / META_FILE, map_location="cpu", weights_only=False)
+    state), loadable with ``MyModule.load_from_checkpoint`` and resumable with ``trainer.fit(ckpt_path=...)``.
+    ``weights_only=False``: the folder is trusted (see ``load``)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a Merak sharded checkpoint (a folder with {COMPLETE_FILE}).")
+    _check_complete(folder)
+    meta = _load_torch_file(folder / META_FILE, weights_only)
+    if weights_only is not False:
+        read_dcp_metadata(folder)
+    reader, planner = _reader_and_planner(folder, weights_only, everything=True)
+    raw = _dcp_load(dcp_load_everything, folder, storage_reader=reader, planner=planner)
     state_dict = raw["state_dict"]
     out: dict[str, Any] = {**meta, "state_dict": state_dict}
     optimizer_states = []
@@ -182,12 +423,23 @@ def consolidate(folder: Path, output: Path) -> Path:
         i += 1
     out["optimizer_states"] = optimizer_states
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, output)
+    partial = output.with_name(f".{output.name}.partial")  # complete or absent, like the folders
+    torch.save(out, partial)
+    os.replace(partial, output)
     return output
 
 
+def check_removable(path: Path) -> None:
+    """Only what Merak wrote may be deleted: a complete sharded folder, a file or a link."""
+    if path.is_dir() and not path.is_symlink() and not is_sharded_checkpoint(path):
+        raise CheckpointError(f"refusing to delete {path}: it is a folder without {COMPLETE_FILE}, so not a "
+                              "checkpoint MerakStrategy wrote. Delete it yourself if it should go.")
+
+
 def remove(path: Path) -> None:
-    if path.is_dir():
+    """Delete a checkpoint Merak wrote (see ``check_removable``); any other folder is refused."""
+    check_removable(path)
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()

@@ -6,6 +6,8 @@ value that was wrong and says what to use instead.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -25,25 +27,49 @@ class MerakConfigError(ValueError):
 
 
 def parse_bytes(value: int | float | str | None, option: str = "memory_budget") -> int | None:
-    """Turn ``20GiB`` / ``1.5e9`` / ``512MB`` into bytes; ``None`` stays ``None``."""
+    """Turn ``20GiB`` / ``20 GB`` / ``1.5e9`` / ``512MB`` into bytes; ``None`` stays ``None``.
+
+    A budget is a whole, finite number of bytes >= 1: ``0.5``, ``-1``, ``inf``, ``nan`` and ``1e400`` (which
+    overflows to infinity) are refused, naming the value, instead of becoming a zero or an overflow later.
+    """
     if value is None:
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise MerakConfigError(f"{option}={value!r} is not a size; give bytes (int) or a string like '20GiB'.")
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise MerakConfigError(f"{option}={value!r} must be positive (bytes per device).")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise MerakConfigError(
-            f"{option}={value!r} cannot be parsed as a size. Use bytes (e.g. 21474836480) or a number with a "
-            f"unit from {sorted(k for k in _UNITS if k)} (e.g. '20GiB', '512MB')."
-        )
-    nbytes = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if nbytes <= 0:
-        raise MerakConfigError(f"{option}={value!r} must be positive (bytes per device).")
-    return nbytes
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise MerakConfigError(
+                f"{option}={value!r} cannot be parsed as a size. Use bytes (e.g. 21474836480) or a number with a "
+                f"unit from {sorted(k for k in _UNITS if k)} (e.g. '20GiB', '512MB')."
+            )
+        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    else:
+        number = value
+    if not math.isfinite(number):
+        raise MerakConfigError(f"{option}={value!r} is not a finite size: give a number of bytes per device "
+                               "(e.g. '20GiB'), or leave it unset.")
+    if number < 1:
+        raise MerakConfigError(f"{option}={value!r} must be at least one byte per device (e.g. '20GiB'); a "
+                               "fraction or a negative number is not a budget.")
+    return int(number)
+
+
+def _check_trace_dir(trace_dir: object) -> None:
+    """The timeline folder must be creatable and writable: found now, not after the first pipeline step."""
+    if trace_dir is None:
+        return
+    if not isinstance(trace_dir, (str, os.PathLike)) or not str(trace_dir):
+        raise MerakConfigError(f"trace_dir={trace_dir!r} is not a folder path; give a path (str) or None.")
+    existing = os.path.abspath(trace_dir)
+    while not os.path.exists(existing):  # the nearest existing ancestor is where the folder would be made
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise MerakConfigError(f"trace_dir={trace_dir!r} cannot be created: {existing} is a file, not a folder. "
+                               "Give a folder path (it is created if missing).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MerakConfigError(f"trace_dir={trace_dir!r} cannot be written: {existing} is not writable by this "
+                               "user. Give a folder you can write to.")
 
 
 def _check_size(name: str, value: object, allow_auto: bool = False) -> None:
@@ -103,6 +129,7 @@ class MerakConfig:
                 "(streams per micro-batch and module: dropout masks independent of the parallel layout)."
             )
         self.budget_bytes = parse_bytes(self.memory_budget)
+        _check_trace_dir(self.trace_dir)
         self._check_schedule_rules()
         if self.memory_manager == "delta" and self.stages_per_rank > 1 and self.pipeline_parallel_size > 1:
             raise MerakConfigError(

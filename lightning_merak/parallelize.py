@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -43,11 +44,11 @@ DEFAULT_BUDGET_SHARE = 0.75  # the rest: optimizer state, temporaries, allocator
 
 
 def build_engine(lightning_module: Any, batch: Any, step_name: str, config: MerakConfig, mesh: Any,
-                 device: torch.device) -> Any:
+                 device: torch.device, timeout: timedelta | None = None) -> Any:
     """Everything that makes this rank's piece of the model, in order; returns the engine for its steps.
 
     ``batch`` is the first batch of the running loop, already on ``device``; ``step_name`` the hook it feeds
-    (``training_step``, ``validation_step``, ...).
+    (``training_step``, ``validation_step``, ...); ``timeout``: for the process groups made here (tied weights).
     """
     pp, tp = topology.size(mesh, "pp"), topology.size(mesh, "tp")
     path, pipelined = find_pipelined_module(lightning_module, config.pipeline_module)
@@ -66,7 +67,7 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     if tp_plan is not None:
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     if cut is not None:  # after TP: the groups hold the parameters the optimizer will see (DTensors under TP)
-        cut.tied = tied_parameter_groups(lightning_module, path, cut.plan, mesh, cut.placement)
+        cut.tied = tied_parameter_groups(lightning_module, path, cut.plan, mesh, cut.placement, timeout)
         equalize_tied_copies(cut.tied)
     auto = choose_schedule(cut, config, pp, num_microbatches) if cut is not None else None
     delta = apply_memory_manager(pipelined, config) if config.memory_manager == "delta" else None
@@ -212,8 +213,8 @@ def plan_stages(pipelined: nn.Module, example: tuple[tuple, dict], placement: tu
                                f"{type(pipelined).__name__} must be cut into {len(placement)} stages: {err}") from err
 
 
-def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any, placement: tuple[int, ...]
-                          ) -> list[tuple[Any, list, bool]]:
+def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mesh: Any, placement: tuple[int, ...],
+                          timeout: timedelta | None = None) -> list[tuple[Any, list, bool]]:
     """Process groups joining the pipeline ranks that hold copies of one tied weight (e.g. GPT-2's wte/lm_head),
     this rank's copies, and whether this rank's copy is the one a global gradient norm counts (the first
     stage's). Stages of one tie on the same rank share one parameter there: nothing to join."""
@@ -230,7 +231,7 @@ def tied_parameter_groups(lightning_module: nn.Module, path: str, plan: Any, mes
         for d in range(full.shape[0]):
             for t in range(full.shape[2]):
                 members = [int(full[d, r, t]) for r in ranks]
-                g = dist.new_group(members)
+                g = dist.new_group(members, timeout=timeout)
                 if dist.get_rank() in members:
                     my_group = g
         if my_group is not None:

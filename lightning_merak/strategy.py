@@ -13,7 +13,6 @@ import socket
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
@@ -199,7 +198,7 @@ class MerakStrategy(ParallelStrategy):
         self._process_group_backend = backend
         device_id = self.root_device if self.root_device.type != "cpu" else None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout, device_id=device_id)
-        self._device_mesh = topology.build_mesh(self.root_device.type, dp, pp, tp)
+        self._device_mesh = topology.build_mesh(self.root_device.type, dp, pp, tp, timeout=self._timeout)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
         hosts = [None] * self.world_size
@@ -231,7 +230,7 @@ class MerakStrategy(ParallelStrategy):
 
         step_name = STEP_FOR[trainer.state.fn]
         return build_engine(self.lightning_module, self._first_batch(trainer), step_name, self.config,
-                            self._device_mesh, self.root_device)
+                            self._device_mesh, self.root_device, timeout=self._timeout)
 
     def _first_batch(self, trainer: pl.Trainer) -> Any:
         """The first batch of the running loop, on this rank's device; the RNG state is restored afterwards, so
@@ -406,20 +405,25 @@ class MerakStrategy(ParallelStrategy):
         if storage_options is not None:
             raise TypeError("MerakStrategy.save_checkpoint(storage_options=...) is not supported: checkpoints are "
                             "written with torch.distributed.checkpoint.")
-        path = Path(self.broadcast(str(filepath)))
+        ckpt.check_checkpoint_io(self._checkpoint_io)
+        path = ckpt.local_path(self.broadcast(str(filepath)))
         assert self.lightning_module is not None
         ckpt.save_sharded(path, checkpoint, self.lightning_module, self.optimizers, self.is_global_zero,
                           stage=topology.local_rank(self._device_mesh, "pp"),
                           stage_of=self._engine.stage_of_parameters())
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
+        """``weights_only=False`` (Lightning's argument) trusts the checkpoint; otherwise it loads as data only."""
+        path = ckpt.local_path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
-        return ckpt.load(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading)
+        return ckpt.load(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading,
+                         weights_only=weights_only)
 
     def remove_checkpoint(self, filepath: Any) -> None:
+        path = ckpt.local_path(filepath)
+        ckpt.check_removable(path)  # on every rank, so a refusal stops all of them, not rank 0 alone
         if self.is_global_zero:
-            ckpt.remove(Path(filepath))
+            ckpt.remove(path)
 
     def _first_of_stage(self) -> bool:
         """The rank that speaks for its pipeline stage: data- and tensor-parallel coordinate 0."""

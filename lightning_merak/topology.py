@@ -7,10 +7,13 @@ as in Megatron-LM and Merak. Global rank = (dp_rank * pp + pp_rank) * tp + tp_ra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
+
+from lightning_merak._compat import local_shard
 
 MESH_DIMS = ("dp", "pp", "tp")
 
@@ -32,9 +35,25 @@ def coordinate(rank: int, dp: int, pp: int, tp: int) -> Coordinate:
     return Coordinate(rank=rank, dp=rank // (pp * tp), pp=(rank // tp) % pp, tp=rank % tp)
 
 
-def build_mesh(device_type: str, dp: int, pp: int, tp: int) -> DeviceMesh:
-    """Create the (dp, pp, tp) mesh over the already initialised default process group."""
-    return init_device_mesh(device_type, (dp, pp, tp), mesh_dim_names=MESH_DIMS)
+def build_mesh(device_type: str, dp: int, pp: int, tp: int, timeout: timedelta | None = None) -> DeviceMesh:
+    """Create the (dp, pp, tp) mesh over the already initialised default process group.
+
+    The groups of each dimension are made here, with ``timeout``: ``init_device_mesh`` makes them with the
+    backend's default (30 min for gloo) whatever the default group's timeout, so a rank missing from a pipeline
+    or tensor-parallel collective would hang that long. A dimension spanning all ranks uses the default group.
+    """
+    layout = torch.arange(dp * pp * tp).view(dp, pp, tp)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = []
+    for d in range(len(MESH_DIMS)):
+        mine = None
+        for ranks in layout.movedim(d, -1).reshape(-1, layout.shape[d]).tolist():
+            # new_group is collective: every rank makes every group, in the same order
+            made = dist.group.WORLD if len(ranks) == world else dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                mine = made
+        groups.append(mine)
+    return DeviceMesh.from_group(groups, device_type, mesh=layout, mesh_dim_names=MESH_DIMS)
 
 
 def topology_table(dp: int, pp: int, tp: int, hosts: list[str] | None = None) -> str:
@@ -66,17 +85,27 @@ def allreduce_grads(params: list[torch.nn.Parameter], grp: dist.ProcessGroup | N
                     bucket_bytes: int = 25 * 2**20) -> None:
     """Average gradients over a data-parallel group, in flat buckets per dtype (DDP-style, after backward).
 
+    Every rank reduces the same list in the same order, whichever parameters its batch reached: as in DDP with
+    ``find_unused_parameters=True``, a parameter without a gradient on this rank counts as zeros, and afterwards
+    holds the average like any other. A parameter without a gradient on *every* rank keeps ``grad=None``, as in
+    one process over the union of the batches (so optimizers skip it, as they would there). Which ones those are
+    is agreed with one small all-reduce of a presence mask.
+
     DTensor gradients (tensor parallel) are reduced through their local shard: each tp rank averages its own
     shard with the same shard of the other replicas.
     """
-    if world <= 1:
+    if world <= 1 or not params:
         return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(present, group=grp)
     grads = []
-    for p in params:
-        if p.grad is None:
+    for p, anywhere in zip(params, present.tolist(), strict=True):
+        if not anywhere:
             continue
+        if p.grad is None:  # unused on this rank only: contributes zeros, receives the average
+            p.grad = torch.zeros_like(p)
         g = p.grad
-        grads.append(g._local_tensor if hasattr(g, "_local_tensor") else g)
+        grads.append(local_shard(g))
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
@@ -105,7 +134,7 @@ def broadcast_module(module: torch.nn.Module, grp: dist.ProcessGroup | None, wor
     src = dist.get_global_rank(grp, 0)
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            local = t._local_tensor if hasattr(t, "_local_tensor") else t
+            local = local_shard(t)
             dist.broadcast(local.data, src=src, group=grp)
 
 

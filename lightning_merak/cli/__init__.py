@@ -20,10 +20,17 @@ def _consolidate(argv: list[str]) -> int:
                                      description="Merge a sharded Merak checkpoint folder into one .ckpt file.")
     parser.add_argument("folder", type=Path, help="checkpoint folder written by MerakStrategy")
     parser.add_argument("output", type=Path, help="the .ckpt file to write")
+    parser.add_argument("--trusted", action="store_true",
+                        help="the folder is trusted: unpickle its non-tensor state in full (may run code from the "
+                             "files; by default only tensors and plain data are loaded)")
     args = parser.parse_args(argv)
-    from lightning_merak.checkpoint import consolidate
+    from lightning_merak.checkpoint import CheckpointError, consolidate
 
-    out = consolidate(args.folder, args.output)
+    try:
+        out = consolidate(args.folder, args.output, weights_only=False if args.trusted else None)
+    except CheckpointError as err:
+        print(f"lightning-merak consolidate: error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
 

@@ -16,6 +16,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from lightning_merak._compat import parameter_slots
 from lightning_merak.tensor_parallel.plan import TPPlan
 from lightning_merak.tensor_parallel.styles import (
     ColumnParallel,
@@ -140,7 +141,7 @@ def _own_heads(t, layout: str, heads: int, tp: int, rank: int, batch: int):
 def _tied_parameters(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     seen: dict[int, list[tuple[nn.Module, str]]] = {}
     for m in module.modules():
-        for name, p in m._parameters.items():
+        for name, p in parameter_slots(m).items():
             if p is not None:
                 seen.setdefault(id(p), []).append((m, name))
     return [owners for owners in seen.values() if len(owners) > 1]
@@ -149,7 +150,7 @@ def _tied_parameters(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
 def _retie(tied: list[list[tuple[nn.Module, str]]]) -> None:
     """Styles distribute each module's parameter separately; make tied weights one DTensor parameter again."""
     for owners in tied:
-        params = [m._parameters[name] for m, name in owners]
+        params = [parameter_slots(m)[name] for m, name in owners]
         shared = next((p for p in params if isinstance(p, DTensor)), None)
         if shared is None:
             continue
@@ -158,4 +159,4 @@ def _retie(tied: list[list[tuple[nn.Module, str]]]) -> None:
                 names = ", ".join(f"{type(o).__name__}.{n}" for o, n in owners)
                 raise ValueError(f"tied parameters ({names}) got different tensor parallel layouts "
                                  f"{p.placements} and {shared.placements}; shard them alike or untie them")
-            m._parameters[name] = shared
+            parameter_slots(m)[name] = shared

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_merak._compat import tree_leaves
 from lightning_merak.tensor_parallel.styles import _is_conv1d
 
 #: style names a plan may hold; ``apply_tensor_parallel`` maps each to a ParallelStyle
@@ -201,7 +202,7 @@ class _FlowTracer(TorchFunctionMode):
         name = getattr(func, "__name__", "").strip("_")
         if name.endswith("_") and name[:-1] in _PROPAGATE:
             name = name[:-1]
-        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        flat = tree_leaves((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         labels = frozenset().union(*(self.label(t) for t in tensors))
         if not labels or name not in _PROPAGATE:
@@ -213,7 +214,7 @@ class _FlowTracer(TorchFunctionMode):
         if any(not self.label(t) and t.numel() > 1 and (t.requires_grad or t.shape == shape)
                and not _per_head_bias(t.shape, shape) for t in tensors):
             return out
-        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if name in ("split", "chunk") and tensors and id(tensors[0]) in self.direct and len(outs) > 1:
             src = tensors[0]
             if all(o.shape[-1] * len(outs) == src.shape[-1] for o in outs):

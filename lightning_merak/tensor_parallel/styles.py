@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from lightning_merak._compat import _StridedShard
+from lightning_merak._compat import _StridedShard, parameter_slots
 from lightning_merak.tensor_parallel.checkpoint import _checkpoint_as_contiguous_shards
 
 
@@ -258,13 +258,13 @@ class ExpertsParallel(ParallelStyle):
                          for a in args)
             kwargs = {k: _GradAllReduce.apply(v, group) if isinstance(v, torch.Tensor) and v.requires_grad else v
                       for k, v in kwargs.items()}
-            params = {n: self_._parameters[n] for n in ("gate_up_proj", "down_proj")}
+            params = {n: parameter_slots(self_)[n] for n in ("gate_up_proj", "down_proj")}
             try:  # the experts' own forward (eager or grouped_mm) on this rank's slices
                 for n, p in params.items():
-                    self_._parameters[n] = _local(p)
+                    parameter_slots(self_)[n] = _local(p)
                 out = original(hidden_states, *args, **kwargs)
             finally:
-                self_._parameters.update(params)
+                parameter_slots(self_).update(params)
             return _AllReduce.apply(out, group)
 
         module.forward = MethodType(forward, module)

@@ -92,8 +92,10 @@ def test_checkpoint_resume_continues_identically(merak_results, reference):
     ref = reference["checkpoint"]
     assert ranks[0]["checkpoint"]["best_model_score"] == pytest.approx(ref["best_model_score"], abs=1e-6)
     best = Path(ranks[0]["checkpoint"]["best_model_path"])
-    # sharded: a DCP folder, one file per rank plus Lightning's metadata (as ModelParallelStrategy writes)
-    assert {p.name for p in best.iterdir()} == {"meta.pt", ".metadata", "__0_0.distcp", "__1_0.distcp"}
+    # sharded: a DCP folder, one file per rank plus Lightning's metadata (as ModelParallelStrategy writes) and
+    # the completion marker, written last
+    assert {p.name for p in best.iterdir()} == {"meta.pt", ".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                 "merak_checkpoint.json"}
 
 
 @pytest.mark.multiprocess
