@@ -9,6 +9,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Replicate
 
+from lightning_merak._compat import local_shard
+
 
 def _replication_weight(grad: torch.Tensor, group: ProcessGroup | None) -> float:
     """1/|group| when ``grad`` is replicated over a group its DTensor mesh spans, else 1.
@@ -51,7 +53,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
     device = grads[0].device if grads else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g
+        local = local_shard(g)
         weight = 1.0
         for group in tp_like:
             if isinstance(g, DTensor):
@@ -65,5 +67,5 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
     coef = float(max_norm) / (float(total_norm) + 1e-6)
     if coef < 1.0:
         for g in grads:
-            (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
+            (local_shard(g)).mul_(coef)
     return total_norm

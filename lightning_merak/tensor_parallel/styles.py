@@ -1,7 +1,7 @@
 """ParallelStyles for column/row-parallel layers with Merak's sub-tensor overlap.
 
 Parameters stay DTensors (so ``get_model_state_dict`` and DCP see original names and full shapes); the forward
-runs on ``.to_local()`` shards inside custom autograd Functions that own the collectives:
+runs on ``.tolocal_shard()`` shards inside custom autograd Functions that own the collectives:
 
 - column-parallel: forward needs no communication; backward all-reduces the input gradient.
 - row-parallel: forward all-reduces the partial output; backward needs no communication.
@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from lightning_merak._compat import _StridedShard, parameter_slots
+from lightning_merak._compat import _StridedShard, local_shard, parameter_slots
 from lightning_merak.tensor_parallel.checkpoint import _checkpoint_as_contiguous_shards
 
 
@@ -98,10 +98,6 @@ class _RowParallelMatmul(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if isinstance(p, DTensor) else p
-
-
 def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placement) -> None:
     param = getattr(module, name, None)
     if param is None or isinstance(param, DTensor):
@@ -117,7 +113,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def _weight_in_out(module: nn.Module) -> torch.Tensor:
     """The local weight as (in, out); ``nn.Linear`` stores (out, in), ``Conv1D`` stores (in, out)."""
-    w = _local(module.weight)
+    w = local_shard(module.weight)
     return w if _is_conv1d(module) else w.t()
 
 
@@ -142,7 +138,7 @@ class ColumnParallel(ParallelStyle):
         group, k = device_mesh.get_group(), self.chunks
 
         def forward(self_: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            bias = _local(self_.bias) if self_.bias is not None else None
+            bias = local_shard(self_.bias) if self_.bias is not None else None
             return _ColumnParallelMatmul.apply(x, _weight_in_out(self_), bias, group, k)
 
         module.forward = MethodType(forward, module)
@@ -166,7 +162,7 @@ class RowParallel(ParallelStyle):
 
         def forward(self_: nn.Module, x: torch.Tensor) -> torch.Tensor:
             y = _RowParallelMatmul.apply(x, _weight_in_out(self_), group, k)
-            return y + _local(self_.bias) if self_.bias is not None else y
+            return y + local_shard(self_.bias) if self_.bias is not None else y
 
         module.forward = MethodType(forward, module)
         return module
@@ -261,7 +257,7 @@ class ExpertsParallel(ParallelStyle):
             params = {n: parameter_slots(self_)[n] for n in ("gate_up_proj", "down_proj")}
             try:  # the experts' own forward (eager or grouped_mm) on this rank's slices
                 for n, p in params.items():
-                    parameter_slots(self_)[n] = _local(p)
+                    parameter_slots(self_)[n] = local_shard(p)
                 out = original(hidden_states, *args, **kwargs)
             finally:
                 parameter_slots(self_).update(params)
@@ -279,8 +275,8 @@ def _make_mha_forward(group, k: int):
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        w = _local(self.in_proj_weight)
-        b = _local(self.in_proj_bias) if self.in_proj_bias is not None else None
+        w = local_shard(self.in_proj_weight)
+        b = local_shard(self.in_proj_bias) if self.in_proj_bias is not None else None
         wq, wk, wv = w.chunk(3)
         bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
         heads = self.local_num_heads
