@@ -315,9 +315,8 @@ def load(path: Path, module: torch.nn.Module, optimizers: list[Any], strict: boo
     _check_complete(path)
     # read the non-tensor files before any collective, so a bad file fails every rank at once, by name
     meta = _load_torch_file(path / META_FILE, weights_only)
-    if weights_only is not False:
-        read_dcp_metadata(path)
     model_sd = get_model_state_dict(module)
+    _check_tensors_match(path, read_dcp_metadata(path), model_sd, strict)
     state: dict[str, Any] = {"state_dict": model_sd}
     templates = [_optimizer_entry(module, opt) for opt in optimizers]
     for i, entry in enumerate(templates):
@@ -328,6 +327,24 @@ def load(path: Path, module: torch.nn.Module, optimizers: list[Any], strict: boo
     for i, opt in enumerate(optimizers):
         _restore_optimizer(module, opt, state[f"optimizer_{i}"])
     return meta
+
+
+def _check_tensors_match(path: Path, metadata: Metadata, model_sd: dict[str, Any], strict: bool) -> None:
+    """Before any tensor is read: the module's names and (global) shapes against the checkpoint's, naming the
+    first mismatch."""
+    saved = {k[len("state_dict."):]: md for k, md in metadata.state_dict_metadata.items()
+             if k.startswith("state_dict.")}
+    for name, t in model_sd.items():
+        if name not in saved:
+            if strict:
+                raise CheckpointError(f"{path} has no tensor `{name}` that this module holds (it has {len(saved)} "
+                                      "model tensors). It was saved from another model; pass a matching checkpoint, or "
+                                      "set `strict_loading = False` on the LightningModule to load what matches.")
+            continue
+        size = tuple(getattr(saved[name], "size", ()))
+        if size != tuple(t.shape):
+            raise CheckpointError(f"{path}: tensor `{name}` has shape {list(size)} in the checkpoint but "
+                                  f"{list(t.shape)} in this module. It was saved from a model of another size.")
 
 
 def _restore_optimizer(module: torch.nn.Module, optimizer: Any, entry: dict[str, Any]) -> None:

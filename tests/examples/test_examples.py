@@ -30,3 +30,13 @@ def test_example_runs_and_learns(script, args, needs_graph, shows, metric, least
     found = re.search(metric, output)
     assert found, f"no `{metric}` in the output:\n{output[-3000:]}"
     assert float(found.group(1)) > least
+
+
+@pytest.mark.multiprocess
+def test_finetune_example_reads_each_stage_from_the_checkpoint_folder(tmp_path):
+    output = check_script(EXAMPLES / "finetune_pretrained.py", "--folder", str(tmp_path / "gpt2"), "--steps", "20",
+                          timeout=240)
+    reads = re.search(r"tensors read from the pretrained folder per rank: \[(\d+), (\d+)\]", output)
+    assert reads and 0 < int(reads.group(1)) < 52 and 0 < int(reads.group(2)) < 52, output[-3000:]
+    loss = re.search(r"loss ([\d.]+) -> ([\d.]+)", output)
+    assert loss and float(loss.group(2)) < float(loss.group(1)) - 0.5, output[-3000:]

@@ -170,3 +170,36 @@ def test_from_pretrained_in_configure_model_reads_each_ranks_tensors_only(tmp_pa
         assert sum(reads[: pp * strategy.get("tensor_parallel_size", 1): strategy.get("tensor_parallel_size", 1)]) \
             == keys, reads  # one pipeline's ranks together read every tensor once
         assert max(reads) < keys, reads
+
+
+def test_a_checkpoint_of_another_model_names_the_first_mismatch(tmp_path):
+    from lightning_merak import checkpoint as ckpt
+
+    small = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    ckpt.save_sharded(tmp_path / "c", {"epoch": 0}, small, [], is_rank_zero=True)
+    wider = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2))
+    with pytest.raises(ckpt.CheckpointError, match=r"tensor `0.weight` has shape \[8, 4\] in the checkpoint but "
+                                                    r"\[16, 4\] in this module"):
+        ckpt.load(tmp_path / "c", wider, [])
+    deeper = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(2, 2))
+    with pytest.raises(ckpt.CheckpointError, match="has no tensor `2.weight`"):
+        ckpt.load(tmp_path / "c", deeper, [])
+
+
+def test_configure_model_on_a_real_device_is_refused():
+    import lightning.pytorch as pl
+
+    from lightning_merak import MerakConfigError, MerakStrategy
+
+    class Module(pl.LightningModule):
+        def configure_model(self):
+            self.head = nn.Linear(2, 2, device="cpu")  # explicit device: the strategy cannot cut it first
+
+    strategy = MerakStrategy()
+    strategy._lightning_module = module = Module()
+    with pytest.raises(MerakConfigError, match=r"configure_model\(\) created `head.weight` on cpu.*meta device"):
+        with strategy.tensor_init_context():
+            module.configure_model()
+    with strategy.tensor_init_context():  # without device=, the module lands on meta, as planned
+        module.head = nn.Linear(2, 2)
+    assert module.head.weight.is_meta

@@ -1,0 +1,128 @@
+"""Peak memory per rank for a GPT-2 24 x 1024 (355M parameters, 1.3 GiB fp32; vocabulary padded to 50304), relative to the full model's bytes.
+
+Five ways, one after another, each rank measuring its own resident-memory growth from before the model exists to
+the peak of two SGD training steps (weights + gradients + activations; SGD keeps no state):
+
+- one process, plain Lightning, the model built in ``__init__``;
+- pp=4, the model built eagerly in ``__init__`` (every rank builds all of it on the CPU, then keeps its stage);
+- pp=4, built in ``configure_model()`` (meta device; each rank initialises only its stage);
+- pp=4, ``from_pretrained(folder)`` in ``configure_model()`` (each rank reads only its stage's tensors);
+- pp=2 x tp=2, built in ``configure_model()``.
+
+Run: ``.venv/bin/python benchmarks/large_model.py [--layers 24 --width 1024]`` (about 5 minutes on 2 cores).
+Resident memory on CPU is what the device would hold on a GPU run: the ranks' parameters live there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve()
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One Trainer run (Lightning's launcher starts the other ranks by re-running this command)."""
+    baseline = _rss()
+    import lightning.pytorch as pl
+    import torch
+    import transformers as tf
+
+    from lightning_merak import MerakStrategy
+
+    torch.set_num_threads(1)
+    config = tf.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64, n_positions=args.seq, vocab_size=50304,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+    class GPT(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tf.GPT2LMHeadModel(config) if args.build == "eager" else None
+
+        def configure_model(self) -> None:
+            if self.model is None:
+                self.model = (tf.GPT2LMHeadModel.from_pretrained(args.folder) if args.build == "pretrained"
+                              else tf.GPT2LMHeadModel(config))
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+        def train_dataloader(self):
+            ids = torch.randint(0, config.vocab_size, (64, args.seq), generator=torch.Generator().manual_seed(0))
+            return torch.utils.data.DataLoader(ids, batch_size=args.batch)
+
+    pp, tp = args.pp, args.tp
+    strategy = "auto" if pp * tp == 1 else MerakStrategy(pipeline_parallel_size=pp, tensor_parallel_size=tp,
+                                                          pipeline_schedule="1f1b", recompute="none")
+    trainer = pl.Trainer(accelerator="cpu", devices=pp * tp, strategy=strategy, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module = GPT()
+    trainer.fit(module)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    out = Path(args.out) / f"rank{trainer.global_rank}.json"
+    out.write_text(json.dumps({"growth": peak - baseline}))
+
+
+def run(case: str, build: str, pp: int, tp: int, common: list[str], folder: str) -> list[float]:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, str(HERE), "--worker", "--build", build, "--pp", str(pp), "--tp", str(tp),
+               "--out", out, "--folder", folder, *common]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return [json.loads((Path(out) / f"rank{r}.json").read_text())["growth"] for r in range(pp * tp)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--build", default="eager")
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--folder", default="")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    import transformers as tf
+
+    config = tf.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64, n_positions=args.seq,
+                           vocab_size=50304)  # padded to a multiple of 64 (Megatron, nanoGPT): tp divides it
+    common = ["--layers", str(args.layers), "--width", str(args.width), "--seq", str(args.seq),
+              "--batch", str(args.batch)]
+    with tempfile.TemporaryDirectory() as folder:
+        model = tf.GPT2LMHeadModel(config)
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.save_pretrained(folder)  # the "pretrained" checkpoint (random weights: nothing is downloaded)
+        del model
+        cases = [("one process, eager", "eager", 1, 1), ("pp=4, eager __init__", "eager", 4, 1),
+                 ("pp=4, configure_model", "meta", 4, 1), ("pp=4, from_pretrained", "pretrained", 4, 1),
+                 ("pp=2 x tp=2, configure_model", "meta", 2, 2)]
+        print(f"GPT-2 {args.layers} x {args.width}: {full / 2**30:.2f} GiB of fp32 parameters; peak resident-memory "
+              "growth per rank over two SGD steps, as a multiple of the full model's bytes")
+        print(f"{'configuration':<32} {'max over ranks':>15} {'per rank':>30}")
+        for name, build, pp, tp in cases:
+            growth = run(name, build, pp, tp, common, folder)
+            print(f"{name:<32} {max(growth) / full:>14.2f}x {str([round(g / full, 2) for g in growth]):>30}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
