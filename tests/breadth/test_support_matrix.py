@@ -1,5 +1,5 @@
 """The support matrix: every family at pp = 2 and tp = 2 equals one process (1e-5), or is refused with the reason
-and the option to use. One launch of 2 processes runs every case in sequence; docs/support_matrix.md must say
+and the option to use. One launch of 2 processes runs every case in sequence; README.md must say
 what the run shows."""
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def test_every_family_equals_one_process_or_is_refused(matrix):
 
 
 @pytest.mark.multiprocess
-def test_docs_support_matrix_says_what_the_run_shows(matrix):
-    """docs/support_matrix.md: one row per family, a ✓ where the case runs equal to one process, else the reason."""
+def test_readme_support_matrix_says_what_the_run_shows(matrix):
+    """README.md: one row per family, a ✓ where the case runs equal to one process, else the reason."""
     rows = {}
-    for line in (REPO / "docs/support_matrix.md").read_text().splitlines():
+    for line in (REPO / "README.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 1 + len(MODES) and cells[0].strip("`") in FAMILY_NAMES:
             rows[cells[0].strip("`")] = dict(zip(MODES, cells[1:], strict=True))
