@@ -71,7 +71,7 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
         equalize_tied_copies(cut.tied)
     auto = choose_schedule(cut, config, pp, num_microbatches) if cut is not None else None
     delta = apply_memory_manager(pipelined, config) if config.memory_manager == "delta" else None
-    rng = microbatch_rng(lightning_module, pipelined, mesh, device) if config.rng == "microbatch" else None
+    rng = step_rng(lightning_module, pipelined, mesh, device, config.rng, seed)
     if cut is None:
         from lightning_merak.pipeline.engine import LocalEngine
 
@@ -294,10 +294,15 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local, 1)
 
 
-def microbatch_rng(lightning_module: nn.Module, pipelined: nn.Module, mesh: Any, device: torch.device) -> Any:
-    """Micro-batch RNG streams over the whole LightningModule, with one seed on every rank."""
-    from lightning_merak.rng import MicrobatchRNG
+def step_rng(lightning_module: nn.Module, pipelined: nn.Module, mesh: Any, device: torch.device, mode: str,
+             seed: int) -> Any:
+    """``rng="microbatch"``: streams per micro-batch and module call (layout-invariant dropout). Otherwise, under a
+    pipeline, ``StepStreams``: each micro-batch's runs of the user's step (capture, loss) draw the same numbers.
+    Without a pipeline and streams: None (torch's generators as they are)."""
+    from lightning_merak.rng import MicrobatchRNG, StepStreams
 
+    data_parallel = (topology.size(mesh, "dp"), topology.local_rank(mesh, "dp"))
+    if mode != "microbatch":
+        return StepStreams(seed, device, data_parallel) if topology.size(mesh, "pp") > 1 else None
     # the pipelined module is entered twice on a pipeline's last stage (the user's call, then the stage's)
-    return MicrobatchRNG(lightning_module, init_seed(), device, skip=[pipelined],
-                         data_parallel=(topology.size(mesh, "dp"), topology.local_rank(mesh, "dp")))
+    return MicrobatchRNG(lightning_module, seed, device, skip=[pipelined], data_parallel=data_parallel)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 _MASK64 = (1 << 64) - 1
-_START, _EXIT = 0x5354415254, 0x45584954  # salts: "START", "EXIT"
+_START, _EXIT, _STEP = 0x5354415254, 0x45584954, 0x53544550  # salts: "START", "EXIT", "STEP"
 
 
 def mix(*values: int) -> int:
@@ -92,10 +92,39 @@ class MicrobatchRNG:
             self._reseed(mix(self._entered.pop(), _EXIT))
 
     def _reseed(self, seed: int) -> None:
-        torch.default_generator.manual_seed(seed)
-        if self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            torch.cuda.default_generators[index].manual_seed(seed)
+        _reseed(seed, self.device)
+
+
+class StepStreams:
+    """The default under a pipeline (``rng="torch"``): the user's step sees the same random numbers on every stage.
+
+    A pipeline runs the start of ``training_step`` twice per micro-batch: on the first stage, to capture the model's
+    inputs, and on the last, as the loss. Noise drawn there (a diffusion target, MLM masking, augmentation) must be
+    the same numbers both times, so the generators are seeded from (seed, micro-batch's global index) before each
+    run of the step for that micro-batch. Modules are not hooked: dropout inside the model draws as torch draws
+    (see ``MicrobatchRNG`` for masks that do not depend on the layout).
+    """
+
+    def __init__(self, seed: int, device: torch.device, data_parallel: tuple[int, int] = (1, 0)) -> None:
+        self.seed = int(seed)
+        self.device = device
+        self.dp_size, self.dp_rank = data_parallel
+
+    def index(self, batch_index: int, micro: int, num_micro: int) -> int:
+        return ((batch_index * num_micro) + micro) * self.dp_size + self.dp_rank
+
+    def start(self, batch_index: int, micro: int = 0, num_micro: int = 1) -> None:
+        _reseed(mix(self.seed, self.index(batch_index, micro, num_micro), _STEP), self.device)
+
+    def remove(self) -> None:
+        """Nothing to remove: no hooks."""
+
+
+def _reseed(seed: int, device: torch.device) -> None:
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 def batch_index(trainer: object, batch_idx: int) -> int:

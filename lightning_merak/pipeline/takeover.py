@@ -163,7 +163,7 @@ class StageRunner(nn.Module):
         self.loss_scale = 1.0
         self.recorder = LogRecorder()
         self.step_outputs: list[Any] = []
-        self.rng: Any = None  # micro-batch RNG streams (MerakStrategy(rng="microbatch")), else None
+        self.rng: Any = None  # the step's RNG streams (``rng.StepStreams`` or ``rng.MicrobatchRNG``), or None
         self.batch_index = 0
         self._params: list[nn.Parameter] | None = None
 

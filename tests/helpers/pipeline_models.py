@@ -91,7 +91,7 @@ def build_hf(name: str, dropout: float = 0.0) -> nn.Module:
 
 
 KIND = {"gpt2": "causal", "gpt2_tied": "causal", "llama": "causal", "bert": "seqcls", "vit": "vit",
-        "resnet": "resnet", "bart": "seq2seq", "sequential": "plain", "custom_loss": "plain"}
+        "resnet": "resnet", "bart": "seq2seq", "sequential": "plain", "custom_loss": "plain", "denoiser": "plain"}
 
 
 class _Base(pl.LightningModule):
@@ -192,8 +192,29 @@ class CustomLossModule(SequentialModule):
         return loss
 
 
+class DenoiserModule(SequentialModule):
+    """Randomness in the step before the model call: the noise is the input's corruption and the target."""
+
+    def __init__(self, name: str = "denoiser", lr: float = 0.05, batch_size: int = 8, n: int = 64,
+                 variable_length: bool = False) -> None:
+        super().__init__(name, lr, batch_size, n, variable_length)
+        block = lambda: nn.Sequential(nn.Linear(32, 32), nn.Tanh())  # noqa: E731
+        self.net = nn.Sequential(nn.Linear(16, 32), *[block() for _ in range(4)], nn.Linear(32, 16))
+        self.noise_sums: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        noise = torch.randn_like(x)
+        self.noise_sums.append(float(noise.sum()))
+        loss = nn.functional.mse_loss(self(x + noise), noise)
+        self.step_losses.append(float(loss.detach()))
+        return loss
+
+
 def make_module(name: str, **kwargs) -> pl.LightningModule:
     pl.seed_everything(0, workers=False)
+    if name == "denoiser":
+        return DenoiserModule(name, **kwargs)
     if name == "sequential":
         return SequentialModule(name, **kwargs)
     if name == "custom_loss":

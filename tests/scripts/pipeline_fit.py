@@ -60,7 +60,8 @@ if __name__ == "__main__":
               "global_step": trainer.global_step, "current_epoch": trainer.current_epoch,
               "local_param_bytes": sum(p.numel() * p.element_size() for p in local),
               "local_param_names": sorted(n for n, _ in module.named_parameters()),
-              "meta_tensors": sum(t.is_meta for t in [*module.parameters(), *module.buffers()])}
+              "meta_tensors": sum(t.is_meta for t in [*module.parameters(), *module.buffers()]),
+              "noise_sums": getattr(module, "noise_sums", None)}
     for cb in extra:
         if isinstance(cb, pl_callbacks.EarlyStopping):
             result["stopped_epoch"] = cb.stopped_epoch

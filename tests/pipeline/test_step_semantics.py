@@ -1,0 +1,29 @@
+"""What the user's step does around the model call keeps its meaning under a pipeline (issue 12)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.pipeline.test_pipeline_training import run_merak, run_reference
+
+STEPS = 150
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("pp", [2, 4])
+def test_noise_drawn_in_the_step_is_the_same_on_every_stage_and_the_denoiser_learns(tmp_path, pp):
+    """``noise = randn_like(x); loss = mse(net(x + noise), noise)``: the first stage draws the noise it corrupts the
+    input with, the last stage the noise it uses as the target. They must be the same numbers, per micro-batch."""
+    m = 4
+    ranks = run_merak(tmp_path, "denoiser", pp, {"pipeline_parallel_size": pp, "pipeline_schedule": "1f1b",
+                                                 "recompute": "none", "num_microbatches": m}, steps=STEPS)
+    first, last = ranks[0]["noise_sums"][1:], ranks[pp - 1]["noise_sums"][1:]  # [0]: the setup's capture
+    assert len(first) == STEPS * m  # the first stage runs the step up to the model call once per micro-batch
+    assert len(last) == STEPS * (m + 1)  # the last: one capture for the shapes, then the step as the loss
+    for step in range(STEPS):
+        captured = first[step * m:(step + 1) * m]
+        as_loss = last[step * (m + 1) + 1:(step + 1) * (m + 1)]
+        assert captured == as_loss, (step, captured, as_loss)
+    ref = run_reference("denoiser", steps=STEPS)["losses"]
+    tail, ref_tail = sum(ranks[0]["losses"][-10:]) / 10, sum(ref[-10:]) / 10
+    assert tail == pytest.approx(ref_tail, rel=0.15), (tail, ref_tail)
