@@ -35,16 +35,17 @@ def _rss() -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """One Trainer run (Lightning's launcher starts the other ranks by re-running this command)."""
-    baseline = _rss()
     import lightning.pytorch as pl
     import torch
     import transformers as tf
 
     from lightning_merak import MerakStrategy
 
+    baseline = _rss()  # after the imports (about 0.5 GB of libraries): from here on it is the model's
+
     torch.set_num_threads(1)
-    config = tf.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64, n_positions=args.seq, vocab_size=50304,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = tf.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64, n_positions=args.seq,
+                           vocab_size=50304, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
     class GPT(pl.LightningModule):
         def __init__(self) -> None:

@@ -51,6 +51,7 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     (``training_step``, ``validation_step``, ...); ``timeout``: for the process groups made here (tied weights).
     """
     pp, tp = topology.size(mesh, "pp"), topology.size(mesh, "tp")
+    check_step_supported(lightning_module, pp)
     path, pipelined = find_pipelined_module(lightning_module, config.pipeline_module)
     seed = init_seed()
     full_bytes = sum(p.numel() * p.element_size() for p in lightning_module.parameters())
@@ -85,6 +86,18 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
 
 
 # ---------------------------------------------------------------------------------------------- 1, 2
+def check_step_supported(lightning_module: Any, pp: int) -> None:
+    """What a pipeline cannot run, refused before any work."""
+    if pp > 1 and not getattr(lightning_module, "automatic_optimization", True):
+        raise MerakConfigError(
+            f"{type(lightning_module).__name__} uses manual optimization (automatic_optimization = False), which "
+            "pipeline_parallel_size > 1 does not support: the pipeline schedule runs the forward and backward of "
+            "every micro-batch itself, so manual_backward() and optimizer.step() inside training_step cannot take "
+            "part. Use automatic optimization, or pipeline_parallel_size=1 (data and tensor parallelism support "
+            "manual optimization)."
+        )
+
+
 def find_pipelined_module(lightning_module: nn.Module, path: str) -> tuple[str, nn.Module]:
     """The submodule to pipeline: ``path`` if given, else the direct child holding most parameters."""
     if path != "auto":

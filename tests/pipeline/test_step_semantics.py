@@ -27,3 +27,19 @@ def test_noise_drawn_in_the_step_is_the_same_on_every_stage_and_the_denoiser_lea
     ref = run_reference("denoiser", steps=STEPS)["losses"]
     tail, ref_tail = sum(ranks[0]["losses"][-10:]) / 10, sum(ref[-10:]) / 10
     assert tail == pytest.approx(ref_tail, rel=0.15), (tail, ref_tail)
+
+
+def test_manual_optimization_under_a_pipeline_is_refused_before_any_work():
+    import lightning.pytorch as pl
+
+    from lightning_merak import MerakConfigError
+    from lightning_merak.parallelize import check_step_supported
+
+    class Manual(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(MerakConfigError, match="manual optimization .* pipeline_parallel_size > 1"):
+        check_step_supported(Manual(), pp=2)
+    check_step_supported(Manual(), pp=1)  # fine without a pipeline
