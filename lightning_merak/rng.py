@@ -56,12 +56,17 @@ class MicrobatchRNG:
         self.device = device
         self.dp_size, self.dp_rank = data_parallel
         self._entered: list[int] = []
-        self._handles = []
+        self._handles: list = []
         skipped = {id(m) for m in skip} | {id(root)}
-        for name, module in root.named_modules():
-            if id(module) in skipped:
-                continue
-            ident = zlib.crc32(name.encode())
+        self._modules = [(module, zlib.crc32(name.encode())) for name, module in root.named_modules()
+                         if id(module) not in skipped]
+        self.install()
+
+    def install(self) -> None:
+        """Hook every module call (again after ``remove``)."""
+        if self._handles:
+            return
+        for module, ident in self._modules:
             self._handles.append(module.register_forward_pre_hook(self._enter(ident)))
             self._handles.append(module.register_forward_hook(self._exit))
 
@@ -115,6 +120,9 @@ class StepStreams:
 
     def start(self, batch_index: int, micro: int = 0, num_micro: int = 1) -> None:
         _reseed(mix(self.seed, self.index(batch_index, micro, num_micro), _STEP), self.device)
+
+    def install(self) -> None:
+        """Nothing to install: no hooks."""
 
     def remove(self) -> None:
         """Nothing to remove: no hooks."""

@@ -209,7 +209,9 @@ class MerakStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        if self._engine is None:  # once: validate/test after fit reuse this rank's stage
+        if self._engine is not None:  # validate/test after fit: the same stage, its hooks installed again
+            self._engine.attach()
+        else:
             # nothing moves to the device before the cut: the recipe materialises only this rank's part
             self.model = self.precision_plugin.convert_module(self.model)
             self._engine = self._build_engine(trainer)
@@ -431,8 +433,9 @@ class MerakStrategy(ParallelStrategy):
 
     # ----------------------------------------------------------------------------------------- teardown
     def teardown(self) -> None:
-        """End of a fit/validate/test/predict: report DELTA's ledger, free the engine's caches. The stage itself
-        stays (the module is pruned to it), so a later validate/test with this Trainer reuses it."""
+        """End of a fit/validate/test/predict: report DELTA's ledger; the engine removes every hook and wrapper it
+        installed. The module stays pruned to this rank's stage, so a later validate/test with this Trainer
+        reuses it (``setup`` attaches the engine again)."""
         if self._engine is not None:
             report = self._engine.memory_report(self.global_rank)
             if report is not None and self._first_of_stage():

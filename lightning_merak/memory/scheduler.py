@@ -87,9 +87,8 @@ class DeltaScheduler:
         self._checked = False
         self.segments = segment_tree(module)
         self._wraps: list[ForwardWrap] = []
-        for index, (_, seg) in enumerate(self.segments):
-            self._wrap(index, seg)
-        self._pre_hook = module.register_forward_pre_hook(self._on_module_call, with_kwargs=True)
+        self._pre_hook: Any = None
+        self.attach()
         self._auto = 0
         self._auto_hooks: list = []
         self.last_stats: dict[str, float] = {}  # metrics of the last step closed by step()
@@ -157,12 +156,22 @@ class DeltaScheduler:
         indices = {seg for plan in self.plans.values() for seg, _ in plan.recompute}
         return [self.segments[i][0] for i in sorted(indices)]
 
+    def attach(self) -> None:
+        """Manage the module's segments (again after ``close``: profiles and plans are kept)."""
+        if self._pre_hook is not None:
+            return
+        for index, (_, seg) in enumerate(self.segments):
+            self._wrap(index, seg)
+        self._pre_hook = self.module.register_forward_pre_hook(self._on_module_call, with_kwargs=True)
+
     def close(self) -> None:
-        """Undo every hook and wrapper and free the swap tiers."""
+        """Undo every hook and wrapper and free the swap tiers (``attach`` manages the module again)."""
         for wrap in self._wraps:
             wrap.remove()
         self._wraps = []
-        self._pre_hook.remove()
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
         for tier in self._tiers.values():
             tier.close()
         self._tiers = {}

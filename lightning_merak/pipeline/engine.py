@@ -90,11 +90,15 @@ class LocalEngine:
     def tied_copies(self) -> set[int]:
         return set()
 
-    def teardown(self) -> None:
-        """End of a Trainer run: nothing to drop; DELTA and the streams stay for a later validate/test."""
+    def attach(self) -> None:
+        """Install DELTA and the RNG streams (again, for a later validate/test after ``teardown``)."""
+        if self.rng is not None:
+            self.rng.install()
+        if self.delta is not None:
+            self.delta.attach()
 
-    def close(self) -> None:
-        """Remove everything this engine installed: RNG streams and DELTA's hooks."""
+    def teardown(self) -> None:
+        """End of a Trainer run: remove every hook this engine installed (``attach`` puts them back)."""
         if self.rng is not None:
             self.rng.remove()
         if self.delta is not None:
@@ -294,14 +298,20 @@ class PipelineEngine:
         return (f"DELTA memory ledger (rank {rank}, pipeline stage {self.stage_modules[0].stage_index}):\n"
                 f"{self.delta.ledger.summary_table()}")
 
+    def attach(self) -> None:
+        """Install the stage dispatch and hooks, DELTA and the RNG streams (again after ``teardown``)."""
+        self.stage_modules[0].shared.install()
+        if self.rng is not None:
+            self.rng.install()
+        if self.delta is not None:
+            self.delta.attach()
+
     def teardown(self) -> None:
-        """End of a Trainer run: drop cached schedules; the stages stay for a later validate/test."""
+        """End of a Trainer run: drop cached schedules and remove every hook and forward wrapper this engine
+        installed, so the module is left as the cut made it (pruned to this rank's stages); ``attach`` puts
+        them back for a later validate/test with the same strategy."""
         self._schedules.clear()
         self._last_schedule = None
-
-    def close(self) -> None:
-        """Remove everything this engine installed: the stage dispatch and hooks, RNG streams, DELTA."""
-        self.teardown()
         self.stage_modules[0].shared.remove()
         if self.rng is not None:
             self.rng.remove()

@@ -65,12 +65,24 @@ class StageModule(nn.Module):
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
         object.__setattr__(self, "device", device)
         self._signatures: dict[tuple, Capture] = {}
-        self._hooks = [module.get_submodule(name).register_forward_pre_hook(self._pre_hook(u), with_kwargs=True)
-                       for u, name in enumerate(plan.units)]
+        self._hooks: list[Any] = []
+        self.install_hooks()
         units.stages.append(self)
         self._state: dict | None = None
         self.split_backward = False  # set for schedules that split backward into input and weight gradients
         self._own: list[nn.Parameter] | None = None
+
+    def install_hooks(self) -> None:
+        """The pre-hooks that write received tensors into block arguments and stop once the sends exist."""
+        if not self._hooks:
+            self._hooks = [self.module.get_submodule(name).register_forward_pre_hook(self._pre_hook(u),
+                                                                                      with_kwargs=True)
+                           for u, name in enumerate(self.plan.units)]
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def own_parameters(self) -> list[nn.Parameter]:
         """The parameters of this stage's blocks (``module`` is not a registered submodule, so ``parameters()`` is
@@ -187,7 +199,8 @@ class _Units:
         self.running: StageModule | None = None
         self.checkpointed: set[int] = set()
         self.stages: list[StageModule] = []
-        self._wraps = []
+        self._wraps: list[Any] = []
+        self._dispatched: list[tuple[nn.Module, int, bool]] = []
         for u, name in enumerate(plan.units):
             sub = module.get_submodule(name)
             stateful = any(True for _ in sub.parameters())
@@ -195,7 +208,8 @@ class _Units:
                 continue  # parameter-free blocks (dropout, rotary tables) run for real on every stage
             if u not in local:
                 strip_module_state(sub)
-            self._wraps.append(wrap_forward(sub, "stage", self._dispatch(u, stateful)))
+            self._dispatched.append((sub, u, stateful))
+        self.install()
 
     def _dispatch(self, unit: int, stateful: bool):
         def wrapper(inner):
@@ -209,14 +223,21 @@ class _Units:
             return forward
         return wrapper
 
+    def install(self) -> None:
+        """Dispatch every block (``intercept`` layer "stage") and hook every stage; again after ``remove``."""
+        if not self._wraps:
+            self._wraps = [wrap_forward(sub, "stage", self._dispatch(u, stateful))
+                           for sub, u, stateful in self._dispatched]
+        for stage in self.stages:
+            stage.install_hooks()
+
     def remove(self) -> None:
         """Take out the dispatch and every stage's hooks (teardown); the pruned blocks stay pruned."""
         for wrap in self._wraps:
             wrap.remove()
-        for stage in self.stages:
-            for handle in stage._hooks:
-                handle.remove()
         self._wraps = []
+        for stage in self.stages:
+            stage.remove_hooks()
 
 
 def build_stages(module: nn.Module, plan: PartitionPlan, stage_indices: list[int],
