@@ -243,8 +243,12 @@ def data_parallel_optimizer(optimizer: torch.optim.Optimizer, zero_stage: int, g
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of this rank's optimizer state (tensor-parallel shards counted locally)."""
-    return sum(local_shard(v).numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor))
+    return sum(parameter_state_bytes(s) for s in optimizer.state.values())
+
+
+def parameter_state_bytes(state: dict[str, Any]) -> int:
+    """Bytes of one parameter's optimizer state (``optimizer.state[p]``)."""
+    return sum(local_shard(v).numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def gradient_bytes(params: Sequence[torch.nn.Parameter]) -> int:
