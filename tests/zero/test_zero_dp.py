@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.helpers.launch import REPO, check_script
-from tests.zero.scenarios import N, SCENARIOS, WORLD, ZeroModule
+from tests.zero.scenarios import SCENARIOS, WORLD, N, ZeroModule
 
 STAGES = [0, 1, 2]
 NAMES = ["adamw", "sgd_accumulate_clip", "bf16", "delta"]
