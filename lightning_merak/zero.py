@@ -16,8 +16,11 @@ writes exactly its owned entries into a sharded checkpoint and, at any other dp 
 owns then. Ownership is computed from full (global) tensor sizes, so every tensor-parallel rank of a replica
 agrees on it, and from each pipeline stage's own parameters.
 
-Where the sync point sits (after the last backward of an accumulation window) gradients are whole during
-backward; what stage 2 bounds is the gradient memory from the sync through the optimizer step.
+The sync point sits after the last backward of an accumulation window, so gradients are whole during backward:
+what either stage bounds is the gradient memory from the sync through the optimizer step. (DeepSpeed's stage 2
+reduces buckets during backward; here that would take per-parameter gradient hooks in the engines.) At resume,
+torch's ``set_optimizer_state_dict`` first builds a zero state for every local parameter once (its
+``_init_optim_state``), then keeps the owned entries only.
 """
 
 from __future__ import annotations
