@@ -148,7 +148,7 @@ class MerakConfig:
             raise MerakConfigError(
                 f"zero_stage=2 with pipeline_parallel_size={self.pipeline_parallel_size} is not supported: a pipeline "
                 "accumulates every micro-batch's gradients on its stage until the step, so sharding them at the "
-                "sync point frees nothing that stage 1 does not (DeepSpeed refuses ZeRO-2 with its pipeline too). "
+                "sync point does not lower its peak memory (DeepSpeed refuses ZeRO-2 with its pipeline too). "
                 "Use zero_stage=1 with a pipeline."
             )
 

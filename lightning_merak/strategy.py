@@ -76,10 +76,10 @@ class MerakStrategy(ParallelStrategy):
             call, so dropout masks are the same in any pipeline layout, schedule and recompute mode, and in one
             process accumulating gradients over the same micro-batches (see ``lightning_merak.rng``).
         zero_stage: 0 (every data-parallel replica holds the whole optimizer state), 1 (each replica owns a
-            balanced share of the parameters by bytes, keeps optimizer state and, from the gradient sync on,
-            gradients for those only, steps them and all-gathers the new values) or 2 (as 1, with gradients
-            reduce-scattered instead of all-reduced; pipeline_parallel_size=1 only). Any optimizer but LBFGS; see
-            ``lightning_merak.zero``.
+            balanced share of the parameters by bytes, keeps optimizer state for those only, steps them and
+            all-gathers the new values) or 2 (as 1, and gradients are reduce-scattered instead of all-reduced, so
+            from the sync on each replica holds only its owned ones; pipeline_parallel_size=1 only). Any optimizer
+            but LBFGS; see ``lightning_merak.zero``.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for any
             Lightning ParallelStrategy (normally filled in by the Trainer).
         process_group_backend: "gloo" on CPU, "nccl" on GPU by default.

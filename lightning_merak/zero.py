@@ -2,12 +2,13 @@
 Memory Optimizations Toward Training Trillion Parameter Models", SC 2020; DeepSpeed's and Merak's stage 1/2).
 
 Each dp rank *owns* a share of every optimizer's parameters, whole tensors balanced by bytes
-(``ParameterOwnership``). At the data-parallel sync point a rank is left with the averaged gradients of the
-parameters it owns and no others: stage 1 all-reduces and then frees the rest; stage 2 reduce-scatters, so the
-others are never averaged on it (half the traffic of an all-reduce). The user's own optimizer then steps only
-the owned parameters (torch's optimizers skip a parameter whose ``grad`` is None), so its state exists only for
-them; afterwards the owners' new values are all-gathered. ``ReplicatedOptimizer`` is stage 0 (every replica
-steps everything) behind the same three calls, so the strategy's hooks never branch on the stage.
+(``ParameterOwnership``). Stage 1 all-reduces the gradients at the data-parallel sync point, as DDP does, so
+``on_before_optimizer_step`` hooks and clipping see every averaged gradient; stage 2 reduce-scatters them (half
+the traffic of an all-reduce), so from the sync on a rank holds the gradients it owns and no others. Either way
+the user's own optimizer steps only the owned parameters: its ``step`` frees the other gradients just before
+the update (torch's optimizers skip a parameter whose ``grad`` is None), so its state exists only for the owned
+ones; afterwards the owners' new values are all-gathered. ``ReplicatedOptimizer`` is stage 0 (every replica
+steps everything) behind the same calls, so the strategy's hooks never branch on the stage.
 
 The optimizer object stays the one ``configure_optimizers`` built, param groups and all: Lightning's
 LightningOptimizer, LR schedulers and the name-keyed checkpoints (``checkpoint.py``) see what they see without
@@ -17,10 +18,8 @@ owns then. Ownership is computed from full (global) tensor sizes, so every tenso
 agrees on it, and from each pipeline stage's own parameters.
 
 The sync point sits after the last backward of an accumulation window, so gradients are whole during backward:
-what either stage bounds is the gradient memory from the sync through the optimizer step. (DeepSpeed's stage 2
-reduces buckets during backward; here that would take per-parameter gradient hooks in the engines.) At resume,
-torch's ``set_optimizer_state_dict`` first builds a zero state for every local parameter once (its
-``_init_optim_state``), then keeps the owned entries only.
+what stage 2 bounds is the gradient memory from the sync through the optimizer step. (DeepSpeed's stage 2
+reduces buckets during backward; here that would take per-parameter gradient hooks in the engines.)
 """
 
 from __future__ import annotations
@@ -118,9 +117,11 @@ class ReplicatedOptimizer:
 
 
 class ShardedOptimizer:
-    """Stages 1 and 2 for one of the user's optimizers over the data-parallel group (see the module docstring)."""
+    """Stages 1 and 2 for one of the user's optimizers over the data-parallel group (see the module docstring).
 
-    shards_gradients = True
+    Replaces the optimizer's ``step`` on the instance by ``step_owned``; every caller (Lightning's precision
+    plugin, torch's checkpoint helpers, the user) then steps the owned parameters only.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, stage: int, group: dist.ProcessGroup | None,
                  bucket_bytes: int = BUCKET_BYTES) -> None:
@@ -132,6 +133,7 @@ class ShardedOptimizer:
         self.optimizer, self.stage, self.group = optimizer, stage, group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.bucket_bytes = bucket_bytes
+        self.shards_gradients = stage == 2  # the clip norm then sums the owners' gradients over dp
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # full (global) sizes: every tensor-parallel rank of a replica must agree on the owners
         self.ownership = ParameterOwnership.balanced([p.numel() * p.element_size() for p in self.params],
@@ -142,18 +144,35 @@ class ShardedOptimizer:
         self._buckets: dict[tuple[int, ...], list[Bucket]] = {}
         optimizer.register_state_dict_post_hook(self._owned_state)
         optimizer.register_load_state_dict_pre_hook(self._owned_state)
+        self._step = optimizer.step
+        optimizer.step = self.step_owned
 
     # ------------------------------------------------------------------ the sync point
     def sync_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Leave this rank with the averaged gradients of its owned parameters (None for the others it shards);
-        parameters of ``params`` this optimizer does not hold are all-reduced as in stage 0."""
+        """Average the gradients of ``params`` (the module's trainable parameters): stage 1 all of them, stage 2
+        leaves this rank with its owned ones only (None for the others it shards). Parameters this optimizer
+        does not hold are all-reduced as in stage 0."""
         self._check_param_groups()
+        if self.stage == 1:
+            topology.allreduce_grads(params, self.group, self.world)
+            return
         sharded = {id(p) for p in self.params}
         topology.allreduce_grads([p for p in params if id(p) not in sharded], self.group, self.world)
-        if self.stage == 1:
-            topology.allreduce_grads([p for p in self.params if p.requires_grad], self.group, self.world)
-        else:
-            self._reduce_scatter()
+        self._reduce_scatter()
+        self._free_unowned_grads()
+
+    def step_owned(self, closure: Any = None) -> Any:
+        """The optimizer's step over the owned parameters: run the closure (Lightning's: training step, backward,
+        the sync, hooks, clipping), free the other gradients, step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._free_unowned_grads()
+        self._step()
+        return loss
+
+    def _free_unowned_grads(self) -> None:
         for p in self.params:
             if id(p) not in self.owned:
                 p.grad = None

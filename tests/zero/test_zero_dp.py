@@ -75,8 +75,10 @@ def test_optimizer_state_and_gradients_are_bounded_by_one_over_dp(runs, stage):
         for rank in ranks:
             result = rank[stage][name]
             assert max(result["state_bytes"]) <= state_total / WORLD + replica["largest_state_bytes"], name
-            # from the sync on, a rank holds the gradients it owns only (stage 2: never averaged the others)
-            assert max(result["grad_bytes"]) <= grad_total / WORLD + result["largest_param_bytes"], name
+            if stage == 2:  # from the sync on, a rank holds the gradients it owns only
+                assert max(result["grad_bytes"]) <= grad_total / WORLD + result["largest_param_bytes"], name
+            else:  # stage 1 all-reduces: hooks and clipping see every averaged gradient, as under DDP
+                assert result["grad_bytes"] == replica["grad_bytes"], name
         assert min(states) > 0
 
 
