@@ -22,3 +22,5 @@ if __name__ == "__main__":
     results = {stage: {name: SCENARIOS[name](False, out / f"zero{stage}" / name, stage, **kwargs)
                        for name in cfg["scenarios"]} for stage in cfg["stages"]}
     torch.save(results, out / f"rank{torch.distributed.get_rank()}.pt")
+    # leave no gloo threads running at interpreter exit (an abort there would fail the launch after the results)
+    torch.distributed.destroy_process_group()

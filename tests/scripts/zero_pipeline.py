@@ -55,3 +55,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     results = {name: fit(cfg, run, out / name) for name, run in cfg["runs"].items()}
     torch.save(results, out / f"rank{torch.distributed.get_rank()}.pt")
+    # leave no gloo threads running at interpreter exit (an abort there would fail the launch after the results)
+    torch.distributed.destroy_process_group()
