@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from lightning_merak.pipeline.plan.schedules import SCHEDULE_OPTIONS, ScheduleError, make_schedule, spec
@@ -16,6 +17,7 @@ from lightning_merak.pipeline.plan.schedules import SCHEDULE_OPTIONS, ScheduleEr
 RNG_MODES = ("torch", "microbatch")
 RECOMPUTE_MODES = ("stage_aware", "none", "full")
 MEMORY_MANAGERS = ("none", "delta")
+ZERO_STAGES = (0, 1, 2)
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -97,6 +99,7 @@ class MerakConfig:
     pipeline_module: str = "auto"
     trace_dir: str | None = None
     rng: str = "torch"
+    zero_stage: int = 0
     budget_bytes: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +131,7 @@ class MerakConfig:
                 f"rng={self.rng!r} is unknown; choose 'torch' (torch's generators as they are) or 'microbatch' "
                 "(streams per micro-batch and module: dropout masks independent of the parallel layout)."
             )
+        self._check_zero()
         self.budget_bytes = parse_bytes(self.memory_budget)
         _check_trace_dir(self.trace_dir)
         self._check_schedule_rules()
@@ -160,6 +164,28 @@ class MerakConfig:
                     f"{self.pipeline_parallel_size} with pipeline_schedule={self.pipeline_schedule!r} makes {stages} "
                     f"stages, so it needs {stages - 1} (where stages 1.. begin)."
                 )
+
+    def _check_zero(self) -> None:
+        if not isinstance(self.zero_stage, int) or isinstance(self.zero_stage, bool) or self.zero_stage not in ZERO_STAGES:
+            raise MerakConfigError(
+                f"zero_stage={self.zero_stage!r} is invalid: give 0 (replicated optimizer, DDP), 1 (optimizer state "
+                "sharded over the data-parallel replicas) or 2 (gradients sharded too)."
+            )
+        if self.zero_stage == 2 and self.pipeline_parallel_size > 1:
+            raise MerakConfigError(
+                f"zero_stage=2 with pipeline_parallel_size={self.pipeline_parallel_size} is not supported: a pipeline "
+                "accumulates every micro-batch's gradients on its stage until the step, so sharding them at the "
+                "sync point does not lower its peak memory (DeepSpeed refuses ZeRO-2 with its pipeline too). "
+                "Use zero_stage=1 with a pipeline."
+            )
+
+    def warn_zero_without_replicas(self, dp: int) -> None:
+        """zero_stage > 0 shards over the data-parallel replicas: with one it does nothing (say so)."""
+        if self.zero_stage > 0 and dp == 1:
+            warnings.warn(
+                f"zero_stage={self.zero_stage} does nothing with data_parallel_size=1: ZeRO shards optimizer state "
+                "(and gradients) over the data-parallel replicas. Add replicas or drop zero_stage.", stacklevel=2,
+            )
 
     def _check_schedule_rules(self) -> None:
         """The schedule's micro-batch rules, at ``Trainer(...)`` time rather than after the processes started."""

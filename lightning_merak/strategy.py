@@ -39,12 +39,14 @@ from lightning_merak._compat import (
     install_clip_grad_by_norm,
     reset_optimizers,
     skip_lightning_backward,
+    unwrap_optimizer,
 )
 from lightning_merak.config import MerakConfig, MerakConfigError, check_precision
 from lightning_merak.pipeline.engine import StepContext
 from lightning_merak.pipeline.plan.schedules import SCHEDULE_OPTIONS
 from lightning_merak.pipeline.takeover import replay_logs
 from lightning_merak.pretrained import lazy_from_pretrained
+from lightning_merak.zero import data_parallel_optimizer
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -74,6 +76,11 @@ class MerakStrategy(ParallelStrategy):
         rng: "torch" (as is) or "microbatch": the generators are reseeded per micro-batch and around every module
             call, so dropout masks are the same in any pipeline layout, schedule and recompute mode, and in one
             process accumulating gradients over the same micro-batches (see ``lightning_merak.rng``).
+        zero_stage: 0 (every data-parallel replica holds the whole optimizer state), 1 (each replica owns a
+            balanced share of the parameters by bytes, keeps optimizer state for those only, steps them and
+            all-gathers the new values) or 2 (as 1, and gradients are reduce-scattered instead of all-reduced, so
+            from the sync on each replica holds only its owned ones; pipeline_parallel_size=1 only). Any optimizer
+            but LBFGS; see ``lightning_merak.zero``.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for any
             Lightning ParallelStrategy (normally filled in by the Trainer).
         process_group_backend: "gloo" on CPU, "nccl" on GPU by default.
@@ -98,6 +105,7 @@ class MerakStrategy(ParallelStrategy):
         pipeline_module: str = "auto",
         trace_dir: Optional[str] = None,
         rng: Literal["torch", "microbatch"] = "torch",
+        zero_stage: Literal[0, 1, 2] = 0,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -115,7 +123,7 @@ class MerakStrategy(ParallelStrategy):
             tensor_parallel_size=tensor_parallel_size, num_microbatches=num_microbatches,
             pipeline_schedule=pipeline_schedule, partition=partition, recompute=recompute,
             subtensor_chunks=subtensor_chunks, memory_manager=memory_manager, memory_budget=memory_budget,
-            pipeline_module=pipeline_module, trace_dir=trace_dir, rng=rng,
+            pipeline_module=pipeline_module, trace_dir=trace_dir, rng=rng, zero_stage=zero_stage,
         )
         if start_method != "popen":
             raise MerakConfigError(
@@ -128,6 +136,7 @@ class MerakStrategy(ParallelStrategy):
         self._timeout = timeout
         self._device_mesh: Optional[DeviceMesh] = None
         self._engine: Any = None  # built in setup: PipelineEngine (pp > 1) or LocalEngine; steps delegate to it
+        self._data_parallel: dict[int, Any] = {}  # id(optimizer) -> its Replicated/ShardedOptimizer (zero.py)
         self.num_nodes = 1
 
     # ----------------------------------------------------------------------------------------- topology
@@ -182,7 +191,7 @@ class MerakStrategy(ParallelStrategy):
     def _configure_launcher(self) -> None:
         # Validate everything that can be known before any process starts: a wrong size or precision fails
         # here, once, in the launching process (and on each rank under an external launcher).
-        self.sizes  # noqa: B018 - raises MerakConfigError on a bad world size
+        self.config.warn_zero_without_replicas(self.sizes[0])  # the sizes raise MerakConfigError on a bad world
         if self.precision_plugin is not None:
             check_precision(getattr(self.precision_plugin, "precision", "32-true"))
         assert self.cluster_environment is not None
@@ -252,6 +261,9 @@ class MerakStrategy(ParallelStrategy):
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         reset_optimizers(self)  # re-entering setup (validate after fit) rebuilds them
         super().setup_optimizers(trainer)
+        dp_group, dp = topology.group(self._device_mesh, "dp"), topology.size(self._device_mesh, "dp")
+        self._data_parallel = {id(opt): data_parallel_optimizer(opt, self.config.zero_stage, dp_group, dp)
+                               for opt in self.optimizers}
         if topology.size(self._device_mesh, "tp") > 1:
             from lightning_merak.tensor_parallel import make_optimizer_checkpointable
 
@@ -287,15 +299,18 @@ class MerakStrategy(ParallelStrategy):
         params = [p for g in optimizer.param_groups for p in g["params"]]
         # a weight tied across stages has a copy (with the same summed gradient) on each: count one
         copies = self._engine.tied_copies()
-        norm = clip_grad_norm_([p for p in params if id(p) not in copies], float(clip_val), self._norm_groups())
+        norm = clip_grad_norm_([p for p in params if id(p) not in copies], float(clip_val),
+                               self._norm_groups(self._data_parallel[id(unwrap_optimizer(optimizer))]))
         coef = min(1.0, float(clip_val) / (float(norm) + 1e-6))
         for p in params:
             if id(p) in copies and p.grad is not None:
                 p.grad.mul_(coef)
 
-    def _norm_groups(self) -> list[Any]:
-        """Groups whose parameters are disjoint shards of one model: pipeline stages and tensor shards."""
-        return [topology.group(self._device_mesh, d) for d in ("pp", "tp") if topology.size(self._device_mesh, d) > 1]
+    def _norm_groups(self, data_parallel: Any) -> list[Any]:
+        """Groups whose gradients are disjoint shards of one model: pipeline stages, tensor shards and, under ZeRO,
+        the data-parallel owners."""
+        dims = ("dp", "pp", "tp") if data_parallel.shards_gradients else ("pp", "tp")
+        return [topology.group(self._device_mesh, d) for d in dims if topology.size(self._device_mesh, d) > 1]
 
     # ----------------------------------------------------------------------------------------- steps
     def on_train_start(self) -> None:
@@ -318,15 +333,18 @@ class MerakStrategy(ParallelStrategy):
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         """Average gradients over the data-parallel replicas once per optimizer step (after the last backward of
-        an accumulation window, before clipping), step, then log what the engine measured (DELTA's ledger)."""
+        an accumulation window, before clipping), step, exchange what ZeRO's owners stepped, then log what the
+        engine measured (DELTA's ledger)."""
         step = self.lightning_module.trainer.global_step
+        data_parallel = self._data_parallel[id(unwrap_optimizer(optimizer))]
 
         def closure_then_sync() -> Any:
             result = closure()
-            self.sync_data_parallel_grads()
+            self.sync_data_parallel_grads(data_parallel)
             return result
 
         out = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        data_parallel.after_step()
         self.log_memory(self._engine.end_step(step))
         return out
 
@@ -353,13 +371,11 @@ class MerakStrategy(ParallelStrategy):
         replay_logs(self.lightning_module, result.logs)
         return result.output
 
-    def sync_data_parallel_grads(self) -> None:
-        """Average this replica's gradients with the other data-parallel replicas."""
-        dp = topology.size(self._device_mesh, "dp")
-        if dp > 1:
-            assert self.lightning_module is not None
-            params = [p for p in self.lightning_module.parameters() if p.requires_grad]
-            topology.allreduce_grads(params, topology.group(self._device_mesh, "dp"), dp)
+    def sync_data_parallel_grads(self, data_parallel: Any) -> None:
+        """Average this replica's gradients with the other data-parallel replicas (under ZeRO, each rank is left
+        with those of the parameters it owns)."""
+        assert self.lightning_module is not None
+        data_parallel.sync_gradients([p for p in self.lightning_module.parameters() if p.requires_grad])
 
     # ----------------------------------------------------------------------------------------- collectives
     def barrier(self, name: Optional[str] = None) -> None:
