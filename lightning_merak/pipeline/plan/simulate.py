@@ -220,28 +220,35 @@ def measured_costs(events: Sequence[dict], modelled: Sequence[StageCosts],
     rank) in place of the modelled ones; bytes stay as modelled (the proxy capture's are exact).
 
     Per stage: the median full forward (pre-checkpointed ``no_grad`` forwards excluded) and the median backward,
-    less the checkpointed share ``ratio × forward`` the backward recomputed. Stages without events keep their
+    less the checkpointed share ``ratio × forward`` the backward recomputed; a split backward (zero-bubble
+    ``I`` then ``W``) is the sum of their medians, and keeps the two parts. Stages without events keep their
     modelled times, rescaled by the measured/modelled ratio of the others so units stay consistent.
     """
-    forwards: dict[int, list[float]] = {}
-    backwards: dict[int, list[float]] = {}
+    times: dict[tuple[str, int], list[float]] = {}
     for event in events:
         action = Action.parse(event["action"])
-        if action.kind == "F" and action.pre_checkpointed:
+        if action.kind == "R" or (action.kind == "F" and action.pre_checkpointed):
             continue
-        into = forwards if action.kind == "F" else backwards if action.kind == "B" else None
-        if into is not None:
-            into.setdefault(action.stage, []).append(event["end"] - event["start"])
-    scales = [_median(forwards[s]) / c.forward for s, c in enumerate(modelled) if forwards.get(s) and c.forward]
+        times.setdefault((action.kind, action.stage), []).append(event["end"] - event["start"])
+    scales = [_median(times["F", s]) / c.forward for s, c in enumerate(modelled) if ("F", s) in times and c.forward]
     scale = _median(scales) if scales else 1.0
     costs = []
     for s, c in enumerate(modelled):
-        if not (forwards.get(s) and backwards.get(s)):
+        split = ("I", s) in times and ("W", s) in times
+        if ("F", s) not in times or not (("B", s) in times or split):
             costs.append(replace(c, forward=c.forward * scale, backward=c.backward * scale,
-                                 backward_input=None, backward_weight=None))
+                                 backward_input=None if c.backward_input is None else c.backward_input * scale,
+                                 backward_weight=None if c.backward_weight is None else c.backward_weight * scale))
             continue
-        forward = _median(forwards[s])
-        backward = max(_median(backwards[s]) - float(ratios[s]) * forward, 0.1 * forward)
+        forward = _median(times["F", s])
+        taken = float(ratios[s]) * forward   # the checkpointed share, recomputed inside the (input) backward
+        if split:
+            grad_in = max(_median(times["I", s]) - taken, 0.05 * forward)
+            grad_w = _median(times["W", s])
+            costs.append(replace(c, forward=forward, backward=grad_in + grad_w, backward_input=grad_in,
+                                 backward_weight=grad_w))
+            continue
+        backward = max(_median(times["B", s]) - taken, 0.1 * forward)
         costs.append(replace(c, forward=forward, backward=backward, backward_input=None, backward_weight=None))
     return costs
 
