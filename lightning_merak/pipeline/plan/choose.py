@@ -75,13 +75,11 @@ def virtual_stage_costs(costs: Sequence[StageCosts], stages_per_rank: int) -> li
 
 
 def placement_costs(costs: Sequence[StageCosts] | PlacementCosts, stages_per_rank: int) -> list[StageCosts] | None:
-    """The costs for ``stages_per_rank``: the planned ones if given, else a split of the one-per-rank costs."""
-    by_placement = costs if isinstance(costs, Mapping) else {1: costs}
-    if stages_per_rank in by_placement:
-        return list(by_placement[stages_per_rank])
-    if 1 in by_placement:
-        return virtual_stage_costs(by_placement[1], stages_per_rank)
-    return None
+    """The costs for ``stages_per_rank``: from a mapping, the planned ones (None where that placement was not
+    planned); from a plain list of one-per-rank costs, those or their split."""
+    if isinstance(costs, Mapping):
+        return list(costs[stages_per_rank]) if stages_per_rank in costs else None
+    return list(costs) if stages_per_rank == 1 else virtual_stage_costs(costs, stages_per_rank)
 
 
 def _placement(name: str, num_ranks: int, num_microbatches: int) -> tuple[int, ...] | None:
@@ -105,16 +103,16 @@ def choose_schedule(costs: Sequence[StageCosts] | PlacementCosts, num_microbatch
                     pre_checkpoint: bool = True) -> ScheduleChoice:
     """Pick the schedule with the shortest simulated step that fits the memory budget.
 
-    ``costs``: per-stage costs of the p-stage partition (a list), or ``{1: p-stage costs, 2: 2p-stage costs}``
-    so that the two-stage-per-rank candidates are simulated on the partition they would really run; without
-    the 2p-stage costs each stage is split in two (``virtual_stage_costs``). Candidates whose micro-batch rules
+    ``costs``: ``{1: p-stage costs, 2: 2p-stage costs}``, the partitions planned for each placement, so that
+    every candidate is simulated on the partition it would really run (a placement missing from the mapping
+    was not planned: its schedules are not applicable); or a plain list of p-stage costs, whose stages are
+    split in two for the two-stage-per-rank candidates (``virtual_stage_costs``, a stand-in). Candidates whose micro-batch rules
     fail, or that cannot fit the budget at any recompute ratio, are skipped with the reason recorded; under
     ``recompute="stage_aware"`` so are those that recompute while another fits without (module docstring).
     ``pre_checkpoint=False``: the runtime ignores Merak's pre-checkpointing (``recompute="none"``), so the
     schedules are simulated without it. Raises ``MemoryBudgetError`` when none fits.
     """
-    by_placement = costs if isinstance(costs, Mapping) else {1: list(costs)}
-    p = next(len(c) // k for k, c in by_placement.items())
+    p = next(len(c) // k for k, c in costs.items()) if isinstance(costs, Mapping) else len(costs)
     names = list(candidates or SCHEDULE_NAMES)
     considered: dict[str, str] = {}
     fits: list[tuple[str, Schedule, list[float], SimResult, list[StageRecompute]]] = []
@@ -126,7 +124,7 @@ def choose_schedule(costs: Sequence[StageCosts] | PlacementCosts, num_microbatch
             continue
         if not pre_checkpoint:
             sched = without_pre_checkpoints(sched)
-        stage_costs = placement_costs(by_placement, spec(name).stages_per_rank)
+        stage_costs = placement_costs(costs, spec(name).stages_per_rank)
         if stage_costs is None:
             considered[name] = "not applicable: no partition planned for its placement"
             continue
