@@ -130,10 +130,12 @@ def batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def report(step_times: list[float], losses: list[float], note: str = "") -> None:
-    timed = step_times[WARMUP:]
-    print("RESULT " + json.dumps({"step": sum(timed) / len(timed), "times": step_times, "losses": losses,
-                                  "note": note}), flush=True)
+def report(step_times: list[float], cpu_times: list[float], losses: list[float], note: str = "") -> None:
+    """One line for the driver: mean wall-clock and CPU seconds per step after warm-up (CPU: of the reporting
+    rank's process, a load-independent view of the work it does), every step's time, the losses."""
+    timed, cpu = step_times[WARMUP:], cpu_times[WARMUP:]
+    print("RESULT " + json.dumps({"step": sum(timed) / len(timed), "cpu": sum(cpu) / len(cpu), "times": step_times,
+                                  "losses": losses, "note": note}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -157,16 +159,20 @@ def worker_merak(steps: int) -> None:
 
     class Timer(pl.Callback):
         def __init__(self) -> None:
-            self.ends: list[float] = [time.perf_counter()]
+            self.ends: list[tuple[float, float]] = []   # (wall, CPU) seconds of each step
             self.losses: list[float] = []
 
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.ends.append((time.perf_counter(), time.process_time()))
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.ends.append(time.perf_counter())
+            start, cpu = self.ends.pop()
+            self.ends.append((time.perf_counter() - start, time.process_time() - cpu))
             self.losses.append(float(outputs["loss"]))
 
         def on_train_end(self, trainer, pl_module):
             if trainer.is_global_zero:
-                report([b - a for a, b in zip(self.ends, self.ends[1:], strict=False)], self.losses)
+                report([w for w, _ in self.ends], [c for _, c in self.ends], self.losses)
 
     timer = Timer()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=MerakStrategy(pipeline_parallel_size=2,
@@ -193,9 +199,9 @@ def worker_torch(steps: int) -> None:
     stage = PipelineStage(stage_module, rank, 2, torch.device("cpu"))
     schedule = Schedule1F1B(stage, MICRO, loss_fn=lm_loss)
     optimizer = torch.optim.AdamW(stage_module.parameters(), lr=LR)
-    times, losses = [], []
+    times, cpus, losses = [], [], []
     for x, y in batches(steps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad()
         if rank == 0:
             schedule.step(x)
@@ -205,8 +211,9 @@ def worker_torch(steps: int) -> None:
             losses.append(float(torch.stack(mb_losses).detach().mean()))
         optimizer.step()
         times.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
     if rank == 1:
-        report(times, losses)
+        report(times, cpus, losses)
     dist.destroy_process_group()
 
 
@@ -224,15 +231,16 @@ def worker_deepspeed(steps: int) -> None:
               "gradient_accumulation_steps": MICRO, "steps_per_print": 10**9, "zero_optimization": {"stage": 0},
               "wall_clock_breakdown": False}
     engine, *_ = deepspeed.initialize(model=pipe, optimizer=torch.optim.AdamW(params, lr=LR), config=config)
-    times, losses = [], []
+    times, cpus, losses = [], [], []
     for x, y in batches(steps):
         micro = iter(zip(x.chunk(MICRO), y.chunk(MICRO), strict=True))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         loss = engine.train_batch(data_iter=micro)
         times.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
         losses.append(float(loss))
     if dist.get_rank() == 0:
-        report(times, losses, note=f"stage boundaries {list(pipe.parts)}")
+        report(times, cpus, losses, note=f"stage boundaries {list(pipe.parts)}")
 
 
 WORKERS = {"merak": worker_merak, "torch": worker_torch, "deepspeed": worker_deepspeed}
