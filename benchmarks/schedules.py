@@ -65,9 +65,11 @@ def simulated() -> tuple[dict[str, float], dict[str, str], float, list[float]]:
     from lightning_merak.pipeline.plan.choose import AutoSchedule
     from lightning_merak.pipeline.plan.simulate import with_ratios
 
-    by_placement = {k: plan.stage_costs() for k, plan in plans().items()}
+    planned = plans()
+    by_placement = {k: plan.stage_costs() for k, plan in planned.items()}
+    blocks = {k: [len(s.units) for s in plan.stages] for k, plan in planned.items()}
     costs = by_placement[1]
-    layers = max(len(s.units) for s in plans()[1].stages)
+    layers = max(blocks[1])
     budget = stage0_budget(costs)
     one_f = make_schedule("1f1b", STAGES, MICRO)
     scp = make_schedule("shifted_critical_path", STAGES, MICRO)
@@ -82,7 +84,7 @@ def simulated() -> tuple[dict[str, float], dict[str, str], float, list[float]]:
     }
     chosen = {}
     for name, budget_of_row in (("auto (defaults)", None), ("auto + stage-0 budget", budget)):
-        auto = AutoSchedule("auto", "stage_aware", budget_of_row, STAGES, MICRO, by_placement)
+        auto = AutoSchedule("auto", "stage_aware", budget_of_row, STAGES, MICRO, by_placement, blocks=blocks)
         decided = make_schedule(auto.decision.name, STAGES, MICRO)
         times[name] = simulate(decided, with_ratios(auto.costs, auto.ratios)).makespan
         chosen[name] = f"{auto.decision.name} {[round(r, 2) for r in auto.ratios]}"

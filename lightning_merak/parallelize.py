@@ -166,7 +166,8 @@ def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, e
     auto = AutoSchedule(config.pipeline_schedule, config.recompute, config.budget_bytes, pp, num_microbatches,
                         {k: plan.stage_costs() for k, plan in plans.items()}, candidates=candidates,
                         layers_per_stage=max(len(s.units) for s in first.stages),
-                        memory_managed=config.memory_manager == "delta", pre_checkpoint=config.recompute != "none")
+                        memory_managed=config.memory_manager == "delta", pre_checkpoint=config.recompute != "none",
+                        blocks={k: [len(s.units) for s in plan.stages] for k, plan in plans.items()})
     plan = plans[auto.stages_per_rank]
     placement = make_schedule(auto.decision.name, pp, num_microbatches).stage_to_rank
     pp_rank = topology.local_rank(mesh, "pp")

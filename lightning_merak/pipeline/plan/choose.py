@@ -15,6 +15,7 @@ memory budget leaves no candidate that fits without recomputing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ from lightning_merak.units import format_bytes
 
 #: Per-stage costs keyed by stages per rank (1: the p-stage partition, 2: the 2p-stage one).
 PlacementCosts = Mapping[int, Sequence[StageCosts]]
+#: Per-stage block counts, keyed the same way.
+PlacementBlocks = Mapping[int, Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,13 @@ def placement_costs(costs: Sequence[StageCosts] | PlacementCosts, stages_per_ran
     return list(costs) if stages_per_rank == 1 else virtual_stage_costs(costs, stages_per_rank)
 
 
+def whole_blocks(ratios: Sequence[float], blocks: Sequence[int] | None) -> list[float]:
+    """Ratios as the stages apply them: rounded up to whole blocks (``StageModule.checkpoint_ratio``)."""
+    if blocks is None:
+        return list(ratios)
+    return [math.ceil(r * n - 1e-9) / n if n else r for r, n in zip(ratios, blocks, strict=True)]
+
+
 def _placement(name: str, num_ranks: int, num_microbatches: int) -> tuple[int, ...] | None:
     try:
         return make_schedule(name, num_ranks, num_microbatches).stage_to_rank
@@ -100,17 +110,19 @@ def _summary(rows: Sequence[StageRecompute]) -> str:
 def choose_schedule(costs: Sequence[StageCosts] | PlacementCosts, num_microbatches: int, *,
                     memory_budget: float | None = None, link: LinkCosts | None = None,
                     recompute: str | float = "stage_aware", candidates: Sequence[str] | None = None,
-                    pre_checkpoint: bool = True) -> ScheduleChoice:
+                    pre_checkpoint: bool = True, blocks: PlacementBlocks | None = None) -> ScheduleChoice:
     """Pick the schedule with the shortest simulated step that fits the memory budget.
 
     ``costs``: ``{1: p-stage costs, 2: 2p-stage costs}``, the partitions planned for each placement, so that
     every candidate is simulated on the partition it would really run (a placement missing from the mapping
     was not planned: its schedules are not applicable); or a plain list of p-stage costs, whose stages are
-    split in two for the two-stage-per-rank candidates (``virtual_stage_costs``, a stand-in). Candidates whose micro-batch rules
-    fail, or that cannot fit the budget at any recompute ratio, are skipped with the reason recorded; under
-    ``recompute="stage_aware"`` so are those that recompute while another fits without (module docstring).
+    split in two for the two-stage-per-rank candidates (``virtual_stage_costs``, a stand-in). Candidates whose
+    micro-batch rules fail, or that cannot fit the budget at any recompute ratio, are skipped with the reason
+    recorded; unless recomputation is asked for (``"full"``, a ratio), so are those that recompute while
+    another fits without (module docstring).
     ``pre_checkpoint=False``: the runtime ignores Merak's pre-checkpointing (``recompute="none"``), so the
-    schedules are simulated without it. Raises ``MemoryBudgetError`` when none fits.
+    schedules are simulated without it. ``blocks``: each placement's block count per stage, so that ratios are
+    simulated as the stages apply them, in whole blocks. Raises ``MemoryBudgetError`` when none fits.
     """
     p = next(len(c) // k for k, c in costs.items()) if isinstance(costs, Mapping) else len(costs)
     names = list(candidates or SCHEDULE_NAMES)
@@ -133,6 +145,7 @@ def choose_schedule(costs: Sequence[StageCosts] | PlacementCosts, num_microbatch
         except MemoryBudgetError as err:
             considered[name] = f"does not fit: {err}"
             continue
+        ratios = whole_blocks(ratios, (blocks or {}).get(spec(name).stages_per_rank))
         result = simulate(sched, with_ratios(stage_costs, ratios), link)
         rows = recompute_per_stage(sched, ratios)
         considered[name] = (f"step {result.makespan:.4g}, bubble {result.bubble_fraction:.1%}, "
@@ -186,19 +199,21 @@ class AutoSchedule:
     DELTA the memory manager decides per block (keep, swap or recompute) against each stage's budget, so
     nothing is checkpointed on top of it.
     ``pre_checkpoint``: whether the runtime runs Merak's pre-checkpointed forwards (not with
-    ``recompute="none"``).
+    ``recompute="none"``); ``blocks``: each placement's block count per stage (ratios in whole blocks).
     """
 
     def __init__(self, schedule: str, recompute: str | float, memory_budget: float | None, num_ranks: int,
                  num_microbatches: int, costs: Sequence[StageCosts] | PlacementCosts, *,
                  candidates: Sequence[str] | None = None, layers_per_stage: int | None = None,
-                 memory_managed: bool = False, link: LinkCosts | None = None, pre_checkpoint: bool = True) -> None:
+                 memory_managed: bool = False, link: LinkCosts | None = None, pre_checkpoint: bool = True,
+                 blocks: PlacementBlocks | None = None) -> None:
         self.recompute = "none" if memory_managed else recompute
         self.budget = None if memory_managed else memory_budget
         self.num_ranks = num_ranks
         self.num_microbatches = num_microbatches
         self.link = link
         self.pre_checkpoint = pre_checkpoint
+        self.blocks = blocks
         self.settled = schedule != "auto"
         if schedule == "auto":
             choice = self._choose(costs, candidates or SCHEDULE_NAMES)
@@ -212,8 +227,9 @@ class AutoSchedule:
             self.stages_per_rank = spec(schedule).stages_per_rank
             self.candidates = (schedule,)
             self.costs = list(costs[self.stages_per_rank] if isinstance(costs, Mapping) else costs)
-            ratios = resolve_ratios(self.recompute, self._schedule(schedule), self.costs, self.budget, link=link,
-                                    layers_per_stage=layers_per_stage)
+            ratios = whole_blocks(resolve_ratios(self.recompute, self._schedule(schedule), self.costs, self.budget,
+                                                 link=link, layers_per_stage=layers_per_stage),
+                                  (blocks or {}).get(self.stages_per_rank))
             self.decision = ScheduleDecision(schedule, tuple(ratios), f"{schedule} (named), "
                                              f"recompute={self.recompute!r}")
 
@@ -252,4 +268,5 @@ class AutoSchedule:
 
     def _choose(self, costs: Sequence[StageCosts] | PlacementCosts, candidates: Sequence[str]) -> ScheduleChoice:
         return choose_schedule(costs, self.num_microbatches, memory_budget=self.budget, link=self.link,
-                               recompute=self.recompute, candidates=candidates, pre_checkpoint=self.pre_checkpoint)
+                               recompute=self.recompute, candidates=candidates, pre_checkpoint=self.pre_checkpoint,
+                               blocks=self.blocks)

@@ -5,8 +5,10 @@ Each rank runs its action list in order; an action starts when its rank is free 
 - ``F(s, mb)`` needs ``F(s−1, mb)`` plus one point-to-point transfer (none when both stages share a rank);
 - ``B``/``I(s, mb)`` need the gradient from ``B``/``I(s+1, mb)`` plus one transfer; ``W`` follows its ``I``;
 - a backward of a micro-batch forwarded with recompute ratio r > 0 first recomputes r·forward *after* its
-  gradient arrives (ordinary checkpointing); a ``pre_checkpointed`` backward recomputes the whole forward
-  *before* waiting for the gradient (Merak's ``RecomputeRecvGrad``), so the recomputation can fill the wait.
+  gradient arrives (ordinary checkpointing); so does its weight step ``W`` when the backward is split, since
+  torch's checkpoint recomputes once per backward pass; a ``pre_checkpointed`` backward recomputes the whole
+  forward *before* waiting for the gradient (Merak's ``RecomputeRecvGrad``), so the recomputation can fill
+  the wait.
 
 Transfers cost ``latency + bytes / bandwidth`` and overlap compute. Memory model, per (stage, micro-batch):
 a forward allocates its activations at its start — all of them (``activation_bytes``), or
@@ -167,7 +169,10 @@ def simulate(schedule: Schedule, costs: StageCosts | Sequence[StageCosts], link:
             if a.kind == "B":
                 mem_deltas.append((end, a.stage, -full_bytes))
         else:  # W
-            start = t
+            # torch's checkpoint recomputes once per backward graph task: the weight step is a second one
+            start = t + (c.recompute_ratio * c.forward if (a.stage, a.mb) not in pc else 0.0)
+            if start > t:
+                events.append(Event(rank, a.stage, "R", a.mb, t, start, str(Action(a.stage, "R", a.mb))))
             end = start + c.weight_grad
             events.append(Event(rank, a.stage, "W", a.mb, start, end, str(a)))
             mem_deltas.append((end, a.stage, -c.activation_bytes))
