@@ -12,7 +12,13 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from lightning_merak.pipeline.plan.schedules import SCHEDULE_OPTIONS, ScheduleError, make_schedule, spec
+from lightning_merak.pipeline.plan.schedules import (
+    SCHEDULE_NAMES,
+    SCHEDULE_OPTIONS,
+    ScheduleError,
+    make_schedule,
+    spec,
+)
 
 RNG_MODES = ("torch", "microbatch")
 RECOMPUTE_MODES = ("stage_aware", "none", "full")
@@ -90,7 +96,7 @@ class MerakConfig:
     pipeline_parallel_size: int = 1
     tensor_parallel_size: int = 1
     num_microbatches: int | None = None
-    pipeline_schedule: str = "shifted_critical_path"
+    pipeline_schedule: str = "auto"
     partition: str | list[str] = "auto"
     recompute: str | float = "stage_aware"
     subtensor_chunks: int = 2
@@ -135,7 +141,8 @@ class MerakConfig:
         self.budget_bytes = parse_bytes(self.memory_budget)
         _check_trace_dir(self.trace_dir)
         self._check_schedule_rules()
-        if self.memory_manager == "delta" and self.stages_per_rank > 1 and self.pipeline_parallel_size > 1:
+        if self.memory_manager == "delta" and self.pipeline_schedule != "auto" and self.stages_per_rank > 1 \
+                and self.pipeline_parallel_size > 1:
             raise MerakConfigError(
                 f"memory_manager='delta' with pipeline_schedule={self.pipeline_schedule!r} is not supported: DELTA "
                 "manages one stage per rank, these schedules place two. Use 'shifted_critical_path', '1f1b', "
@@ -157,13 +164,29 @@ class MerakConfig:
             )
         if isinstance(self.partition, (list, tuple)):
             self.partition = list(self.partition)
-            stages = self.pipeline_parallel_size * self.stages_per_rank
-            if len(self.partition) != stages - 1:
+            pp = self.pipeline_parallel_size
+            if self.pipeline_schedule == "auto":
+                allowed = [pp * k - 1 for k in ((1,) if self.memory_manager == "delta" else (1, 2))]
+                if len(self.partition) not in allowed:
+                    raise MerakConfigError(
+                        f"partition lists {len(self.partition)} boundaries but pipeline_parallel_size={pp} with "
+                        f"pipeline_schedule='auto' needs {' or '.join(map(str, allowed))} (where stages 1.. begin; "
+                        f"{2 * pp - 1} places two stages on each rank)."
+                    )
+            elif len(self.partition) != pp * self.stages_per_rank - 1:
+                stages = pp * self.stages_per_rank
                 raise MerakConfigError(
                     f"partition lists {len(self.partition)} boundaries but pipeline_parallel_size="
-                    f"{self.pipeline_parallel_size} with pipeline_schedule={self.pipeline_schedule!r} makes {stages} "
+                    f"{pp} with pipeline_schedule={self.pipeline_schedule!r} makes {stages} "
                     f"stages, so it needs {stages - 1} (where stages 1.. begin)."
                 )
+        if self.pipeline_schedule == "auto" and self.pipeline_parallel_size > 1 and not self.schedule_candidates():
+            raise MerakConfigError(  # gpipe and 1f1b run any count: only a hand-written 2p-stage cut gets here
+                f"pipeline_schedule='auto' has no schedule that can run num_microbatches="
+                f"{self.microbatches(self.pipeline_parallel_size)} on pipeline_parallel_size="
+                f"{self.pipeline_parallel_size} with the stages of partition={self.partition!r}; use more "
+                "micro-batches or a partition of one stage per rank."
+            )
 
     def _check_zero(self) -> None:
         if not isinstance(self.zero_stage, int) or isinstance(self.zero_stage, bool) or self.zero_stage not in ZERO_STAGES:
@@ -188,7 +211,8 @@ class MerakConfig:
             )
 
     def _check_schedule_rules(self) -> None:
-        """The schedule's micro-batch rules, at ``Trainer(...)`` time rather than after the processes started."""
+        """The schedule's micro-batch rules, at ``Trainer(...)`` time rather than after the processes started
+        ("auto" checks them per candidate: ``schedule_candidates``)."""
         pp = self.pipeline_parallel_size
         if pp == 1 or self.pipeline_schedule == "auto":
             return
@@ -202,8 +226,39 @@ class MerakConfig:
 
     @property
     def stages_per_rank(self) -> int:
-        """Pipeline stages on each pipeline rank: two for interleaved and V placements ("auto" places one)."""
-        return 1 if self.pipeline_schedule == "auto" else spec(self.pipeline_schedule).stages_per_rank
+        """Pipeline stages on each pipeline rank for a named schedule: two for interleaved and V placements
+        (under "auto" the build recipe decides among ``placements``; this reports the first)."""
+        if self.pipeline_schedule == "auto":
+            return self.placements[0]
+        return spec(self.pipeline_schedule).stages_per_rank
+
+    @property
+    def placements(self) -> tuple[int, ...]:
+        """The stages-per-rank placements the schedule may use: "auto" weighs one and two per rank, except
+        where DELTA (one stage per rank) or a hand-written partition (its length) fixes it."""
+        if self.pipeline_schedule != "auto":
+            return (spec(self.pipeline_schedule).stages_per_rank,)
+        options = (1,) if self.memory_manager == "delta" else (1, 2)
+        if isinstance(self.partition, list):
+            options = tuple(k for k in options if self.pipeline_parallel_size * k - 1 == len(self.partition))
+        return options
+
+    def schedule_candidates(self) -> tuple[str, ...]:
+        """The schedules this configuration may run: the named one, or for "auto" every schedule of an allowed
+        placement whose micro-batch rules hold for this pipeline size and micro-batch count."""
+        if self.pipeline_schedule != "auto":
+            return (self.pipeline_schedule,)
+        pp = self.pipeline_parallel_size
+        names = []
+        for name in SCHEDULE_NAMES:
+            if spec(name).stages_per_rank not in self.placements:
+                continue
+            try:
+                make_schedule(name, pp, self.microbatches(pp))
+            except ScheduleError:
+                continue
+            names.append(name)
+        return tuple(names)
 
     def resolve_world(self, world_size: int) -> tuple[int, int, int]:
         """Return (dp, pp, tp) for ``world_size`` processes, or raise naming the mismatch."""

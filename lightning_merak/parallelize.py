@@ -191,25 +191,51 @@ class PipelineCut:
     placement: tuple[int, ...]  # pipeline rank of each stage
     stages: list[Any]  # this rank's StageModules, in stage order
     tied: list[tuple[Any, list, bool]]  # tied-weight groups (see tied_parameter_groups), once materialised
+    auto: Any = None  # the AutoSchedule that decided the placement (and the schedule) before the cut
 
 
 def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, example: tuple[tuple, dict],
                  config: MerakConfig, mesh: Any, device: torch.device) -> PipelineCut:
-    """Plan the stages on the proxy graph (the same plan on every rank: it is deterministic); keep this rank's."""
-    from lightning_merak.pipeline.plan.schedules import make_schedule
+    """Plan the stages on the proxy graph (the same plan on every rank: it is deterministic); keep this rank's.
+
+    The placement, one or two stages per rank, is decided before anything is cut: a p-stage partition and, for
+    "auto" where the model has the blocks, a 2p-stage one are planned, every candidate schedule is simulated
+    on its own partition's modelled costs (``AutoSchedule``), and the winner's partition is the one cut.
+    """
+    from lightning_merak.partition import PartitionError
+    from lightning_merak.pipeline.plan.choose import AutoSchedule
+    from lightning_merak.pipeline.plan.schedules import make_schedule, spec
     from lightning_merak.pipeline.stage import build_stages
 
     pp = topology.size(mesh, "pp")
-    placement = tuple(range(pp))
-    if config.stages_per_rank > 1:
-        placement = make_schedule(config.pipeline_schedule, pp, config.microbatches(pp)).stage_to_rank
-    plan = plan_stages(pipelined, example, placement, config.partition)
+    num_microbatches = config.microbatches(pp)
+    plans: dict[int, Any] = {}
+    for per_rank in config.placements:
+        # the cut depends only on the stage count; which rank holds which stage comes with the chosen schedule
+        ranks = tuple(range(pp)) * per_rank if config.pipeline_schedule == "auto" else make_schedule(
+            config.pipeline_schedule, pp, num_microbatches).stage_to_rank
+        try:
+            plans[per_rank] = plan_stages(pipelined, example, ranks, config.partition)
+        except (PartitionError, MerakConfigError) as err:
+            if config.pipeline_schedule != "auto" or per_rank == 1:
+                raise
+            rank_zero_info(f"Merak pipeline_schedule='auto': no {pp * per_rank}-stage partition of `{path}`, so only "
+                           f"one stage per rank is considered ({err})")
+    candidates = [n for n in config.schedule_candidates() if spec(n).stages_per_rank in plans]
+    first = plans[min(plans)]
+    auto = AutoSchedule(config.pipeline_schedule, config.recompute, config.budget_bytes, pp, num_microbatches,
+                        {k: plan.stage_costs() for k, plan in plans.items()}, candidates=candidates,
+                        layers_per_stage=max(len(s.units) for s in first.stages),
+                        memory_managed=config.memory_manager == "delta", pre_checkpoint=config.recompute != "none",
+                        blocks={k: [len(s.units) for s in plan.stages] for k, plan in plans.items()})
+    plan = plans[auto.stages_per_rank]
+    placement = make_schedule(auto.decision.name, pp, num_microbatches).stage_to_rank
     pp_rank = topology.local_rank(mesh, "pp")
     stages = build_stages(pipelined, plan, [s for s, r in enumerate(placement) if r == pp_rank], device)
     where = "" if len(placement) == pp else f" (pipeline rank of each stage: {list(placement)})"
     rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {len(placement)} stages"
                    f"{where}:\n{plan.table()}")
-    return PipelineCut(plan, placement, stages, [])
+    return PipelineCut(plan, placement, stages, [], auto)
 
 
 def plan_stages(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], partition: Any) -> Any:
@@ -271,16 +297,13 @@ def equalize_tied_copies(tied: list[tuple[Any, list, bool]]) -> None:
 
 # ---------------------------------------------------------------------------------------------- 7
 def choose_schedule(cut: PipelineCut, config: MerakConfig, pp: int, num_microbatches: int) -> Any:
-    """The schedule and each stage's recompute ratio (``AutoSchedule``); the stages checkpoint their share."""
-    from lightning_merak.pipeline.plan.choose import AutoSchedule
-
-    auto = AutoSchedule(config.pipeline_schedule, config.recompute, config.budget_bytes, pp, num_microbatches,
-                        cut.plan.stage_costs(), layers_per_stage=max(len(s.units) for s in cut.plan.stages),
-                        memory_managed=config.memory_manager == "delta")
+    """The schedule and each stage's recompute ratio (``AutoSchedule``, decided with the cut's placement); the
+    stages checkpoint their share. Logs what each stage recomputes, Merak's pre-checkpointed forwards included."""
+    auto = cut.auto
     if config.pipeline_schedule == "auto":
         rank_zero_info(f"Merak pipeline_schedule='auto' chose {auto.decision.reason}")
     rank_zero_info(f"Merak schedule {auto.decision.name}, {num_microbatches} micro-batches, recompute ratio per "
-                   f"stage {[round(r, 3) for r in auto.decision.ratios]}")
+                   f"stage {[round(r, 3) for r in auto.decision.ratios]}; {auto.recompute_report()}")
     return auto
 
 

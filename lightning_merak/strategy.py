@@ -63,8 +63,9 @@ class MerakStrategy(ParallelStrategy):
         pipeline_parallel_size: pipeline stages; the pipelined module is cut automatically (see ``partition``).
         tensor_parallel_size: tensor-parallel group size (layers sharded with an automatic plan).
         num_microbatches: micro-batches per batch in the pipeline; default 2 x pipeline size (1 without a pipeline).
-        pipeline_schedule: one of ``pipeline.plan.schedules.SCHEDULES`` ("shifted_critical_path" (Merak), "1f1b",
-            "gpipe", "interleaved_1f1b", "zbv") or "auto" (the simulator chooses).
+        pipeline_schedule: "auto" (default: the simulator chooses among all schedules, one or two stages per rank,
+            with their recompute ratios) or one of ``pipeline.plan.schedules.SCHEDULES`` ("shifted_critical_path"
+            (Merak), "1f1b", "gpipe", "interleaved_1f1b", "zbv").
         partition: "auto" or the module names (relative to the pipelined module) where stages 1.. begin.
         recompute: "stage_aware", "none", "full", or a float: Merak's first-stage recompute ratio.
         subtensor_chunks: sub-tensor TP overlap chunks; 1 disables the overlap.
@@ -96,7 +97,7 @@ class MerakStrategy(ParallelStrategy):
         pipeline_parallel_size: int = 1,
         tensor_parallel_size: int = 1,
         num_microbatches: Optional[int] = None,
-        pipeline_schedule: Literal[SCHEDULE_OPTIONS] = "shifted_critical_path",
+        pipeline_schedule: Literal[SCHEDULE_OPTIONS] = "auto",
         partition: Union[Literal["auto"], list[str]] = "auto",
         recompute: Union[Literal["stage_aware", "none", "full"], float] = "stage_aware",
         subtensor_chunks: int = 2,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from lightning_merak.pipeline.plan.schedules import Schedule
 from lightning_merak.pipeline.plan.simulate import LinkCosts, StageCosts, simulate, with_ratios
@@ -22,6 +23,55 @@ RECOMPUTE_MODES = ("none", "full", "stage_aware")
 
 class MemoryBudgetError(ValueError):
     """No recomputation ratio makes a stage fit the memory budget."""
+
+
+@dataclass(frozen=True)
+class StageRecompute:
+    """What one stage recomputes in a training step: ordinary checkpointing of the share ``ratio`` of each
+    forward, plus Merak's pre-checkpointed forwards (kept as inputs only and recomputed whole before their
+    gradient arrives): those are recomputation too, whatever the ratio says."""
+
+    stage: int
+    ratio: float
+    pre_checkpointed: int
+    num_microbatches: int
+
+    @property
+    def forwards(self) -> int:
+        """Forwards per step that recompute anything."""
+        return self.num_microbatches if self.ratio > 0 else self.pre_checkpointed
+
+    @property
+    def flops_share(self) -> float:
+        """Recomputed forward work as a share of the stage's forward FLOPs per step."""
+        m, pc = self.num_microbatches, self.pre_checkpointed
+        return (pc + (m - pc) * self.ratio) / m
+
+    def __str__(self) -> str:
+        m, pc = self.num_microbatches, self.pre_checkpointed
+        if not self.forwards:
+            return f"stage {self.stage}: none"
+        parts = ([f"{pc} pre-checkpointed, recomputed whole"] if pc else []) + (
+            [f"{m - pc} with {self.ratio:.0%} checkpointed"] if self.ratio > 0 else [])
+        return (f"stage {self.stage}: {self.forwards} of {m} forwards ({' + '.join(parts)}), "
+                f"{self.flops_share:.1%} of forward FLOPs")
+
+
+def recompute_per_stage(schedule: Schedule, ratios: Sequence[float]) -> list[StageRecompute]:
+    """Per stage, what ``schedule`` with these ratios recomputes each step (the pre-checkpointed forwards are
+    the schedule's own: strip them with ``without_pre_checkpoints`` where the runtime does not run them)."""
+    pc = schedule.pre_checkpointed()
+    return [StageRecompute(st, float(ratios[st]), sum(1 for s, _ in pc if s == st), schedule.num_microbatches)
+            for st in range(schedule.num_stages)]
+
+
+def recompute_table(rows: Sequence[StageRecompute]) -> str:
+    """The per-stage recompute plan as printed at start-up."""
+    lines = [f"{'stage':>5}  {'ratio':>6}  {'pre-checkpointed':>16}  {'recomputing forwards':>20}  "
+             f"{'share of forward FLOPs':>22}"]
+    lines += [f"{r.stage:>5}  {r.ratio:>6.3f}  {r.pre_checkpointed:>16}  {f'{r.forwards} of {r.num_microbatches}':>20}  "
+              f"{r.flops_share:>22.1%}" for r in rows]
+    return "\n".join(lines)
 
 
 def stage_aware_ratios(first_ratio: float, num_stages: int) -> list[float]:

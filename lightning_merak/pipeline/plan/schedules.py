@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 COMPUTE_KINDS = ("F", "B", "I", "W")
 #: ``R`` (a recomputation) appears only in timelines of real and simulated steps, never in a schedule.
@@ -291,6 +291,13 @@ def zbv(num_ranks: int, num_microbatches: int) -> Schedule:
         per_rank.append([a for a in ops if a.mb < m])  # torch pads to 2p−1 micro-batches and drops the extras
     stage_to_rank = tuple(list(range(p)) + list(reversed(range(p))))
     return Schedule("zbv", p, m, stage_to_rank, tuple(tuple(a) for a in per_rank))
+
+
+def without_pre_checkpoints(schedule: Schedule) -> Schedule:
+    """The same order with ordinary forwards and backwards: what the runtime runs with ``recompute="none"``
+    (its empty side table), so that the simulator and the recompute report see what really runs."""
+    plain = tuple(tuple(replace(a, pre_checkpointed=False) for a in rank) for rank in schedule.actions)
+    return replace(schedule, actions=plain)
 
 
 def make_schedule(name: str, num_ranks: int, num_microbatches: int) -> Schedule:

@@ -5,8 +5,10 @@ Each rank runs its action list in order; an action starts when its rank is free 
 - ``F(s, mb)`` needs ``F(s−1, mb)`` plus one point-to-point transfer (none when both stages share a rank);
 - ``B``/``I(s, mb)`` need the gradient from ``B``/``I(s+1, mb)`` plus one transfer; ``W`` follows its ``I``;
 - a backward of a micro-batch forwarded with recompute ratio r > 0 first recomputes r·forward *after* its
-  gradient arrives (ordinary checkpointing); a ``pre_checkpointed`` backward recomputes the whole forward
-  *before* waiting for the gradient (Merak's ``RecomputeRecvGrad``), so the recomputation can fill the wait.
+  gradient arrives (ordinary checkpointing); so does its weight step ``W`` when the backward is split, since
+  torch's checkpoint recomputes once per backward pass; a ``pre_checkpointed`` backward recomputes the whole
+  forward *before* waiting for the gradient (Merak's ``RecomputeRecvGrad``), so the recomputation can fill
+  the wait.
 
 Transfers cost ``latency + bytes / bandwidth`` and overlap compute. Memory model, per (stage, micro-batch):
 a forward allocates its activations at its start — all of them (``activation_bytes``), or
@@ -167,7 +169,10 @@ def simulate(schedule: Schedule, costs: StageCosts | Sequence[StageCosts], link:
             if a.kind == "B":
                 mem_deltas.append((end, a.stage, -full_bytes))
         else:  # W
-            start = t
+            # torch's checkpoint recomputes once per backward graph task: the weight step is a second one
+            start = t + (c.recompute_ratio * c.forward if (a.stage, a.mb) not in pc else 0.0)
+            if start > t:
+                events.append(Event(rank, a.stage, "R", a.mb, t, start, str(Action(a.stage, "R", a.mb))))
             end = start + c.weight_grad
             events.append(Event(rank, a.stage, "W", a.mb, start, end, str(a)))
             mem_deltas.append((end, a.stage, -c.activation_bytes))
@@ -220,28 +225,35 @@ def measured_costs(events: Sequence[dict], modelled: Sequence[StageCosts],
     rank) in place of the modelled ones; bytes stay as modelled (the proxy capture's are exact).
 
     Per stage: the median full forward (pre-checkpointed ``no_grad`` forwards excluded) and the median backward,
-    less the checkpointed share ``ratio × forward`` the backward recomputed. Stages without events keep their
+    less the checkpointed share ``ratio × forward`` the backward recomputed; a split backward (zero-bubble
+    ``I`` then ``W``) is the sum of their medians, and keeps the two parts. Stages without events keep their
     modelled times, rescaled by the measured/modelled ratio of the others so units stay consistent.
     """
-    forwards: dict[int, list[float]] = {}
-    backwards: dict[int, list[float]] = {}
+    times: dict[tuple[str, int], list[float]] = {}
     for event in events:
         action = Action.parse(event["action"])
-        if action.kind == "F" and action.pre_checkpointed:
+        if action.kind == "R" or (action.kind == "F" and action.pre_checkpointed):
             continue
-        into = forwards if action.kind == "F" else backwards if action.kind == "B" else None
-        if into is not None:
-            into.setdefault(action.stage, []).append(event["end"] - event["start"])
-    scales = [_median(forwards[s]) / c.forward for s, c in enumerate(modelled) if forwards.get(s) and c.forward]
+        times.setdefault((action.kind, action.stage), []).append(event["end"] - event["start"])
+    scales = [_median(times["F", s]) / c.forward for s, c in enumerate(modelled) if ("F", s) in times and c.forward]
     scale = _median(scales) if scales else 1.0
     costs = []
     for s, c in enumerate(modelled):
-        if not (forwards.get(s) and backwards.get(s)):
+        split = ("I", s) in times and ("W", s) in times
+        if ("F", s) not in times or not (("B", s) in times or split):
             costs.append(replace(c, forward=c.forward * scale, backward=c.backward * scale,
-                                 backward_input=None, backward_weight=None))
+                                 backward_input=None if c.backward_input is None else c.backward_input * scale,
+                                 backward_weight=None if c.backward_weight is None else c.backward_weight * scale))
             continue
-        forward = _median(forwards[s])
-        backward = max(_median(backwards[s]) - float(ratios[s]) * forward, 0.1 * forward)
+        forward = _median(times["F", s])
+        taken = float(ratios[s]) * forward   # the checkpointed share, recomputed inside the (input) backward
+        if split:
+            grad_in = max(_median(times["I", s]) - taken, 0.05 * forward)
+            grad_w = _median(times["W", s])
+            costs.append(replace(c, forward=forward, backward=grad_in + grad_w, backward_input=grad_in,
+                                 backward_weight=grad_w))
+            continue
+        backward = max(_median(times["B", s]) - taken, 0.1 * forward)
         costs.append(replace(c, forward=forward, backward=backward, backward_input=None, backward_weight=None))
     return costs
 
