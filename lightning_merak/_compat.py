@@ -228,3 +228,20 @@ def without_output_capturing_flag(copy: torch.nn.Module) -> torch.nn.Module:
 
 
 __all__ += ["without_output_capturing_flag"]
+
+
+# --- transformers and nn.MultiheadAttention private pieces ---------------------------------------------
+
+
+def hf_init_weights(model, module: torch.nn.Module) -> None:
+    """A transformers model's own init of one submodule (``PreTrainedModel._init_weights``: what ``post_init``
+    applies module by module), for tensors materialised from the meta device."""
+    model._init_weights(module)
+
+
+def mha_packed_in_projection(module: torch.nn.MultiheadAttention) -> bool:
+    """Whether an ``nn.MultiheadAttention`` keeps q, k and v in one packed ``in_proj_weight`` (a private flag)."""
+    return bool(module._qkv_same_embed_dim)
+
+
+__all__ += ["hf_init_weights", "mha_packed_in_projection"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_merak._compat import buffer_slots, parameter_slots
+from lightning_merak._compat import buffer_slots, hf_init_weights, parameter_slots
 from lightning_merak.pretrained import checkpoint_of
 from lightning_merak.rng import mix
 
@@ -163,7 +163,7 @@ def _initialize(name: str, sub: nn.Module, fresh: list[tuple[str, torch.Tensor]]
             kept = [(t, t.detach().clone()) for t in _own_tensors(sub) if id(t) in initialized]
             _seed(mix(seed, zlib.crc32(name.encode())), device)
             if owner is not None:
-                owner._init_weights(sub)
+                hf_init_weights(owner, sub)
             elif callable(getattr(sub, "reset_parameters", None)):
                 sub.reset_parameters()
             for t, value in kept:

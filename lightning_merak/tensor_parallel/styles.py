@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from lightning_merak._compat import _StridedShard, local_shard, parameter_slots
+from lightning_merak._compat import _StridedShard, local_shard, mha_packed_in_projection, parameter_slots
 from lightning_merak.tensor_parallel.checkpoint import _checkpoint_as_contiguous_shards
 
 
@@ -183,7 +183,7 @@ class MultiheadAttentionParallel(ParallelStyle):
         self.chunks = chunks
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not module._qkv_same_embed_dim or module.bias_k is not None:
+        if not mha_packed_in_projection(module) or module.bias_k is not None:
             raise NotImplementedError(f"tensor parallel nn.MultiheadAttention needs kdim == vdim == embed_dim and "
                                       f"add_bias_kv=False; got {module}")
         _distribute(module, "in_proj_weight", device_mesh, _StridedShard(0, split_factor=3))

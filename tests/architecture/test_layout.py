@@ -79,6 +79,7 @@ def test_private_torch_and_lightning_names_only_in_compat() -> None:
                         a.name.startswith("_") for a in node.names):
                     offenders.append(f"{path.name}: from {node.module} import ...")
             if isinstance(node, ast.Attribute) and node.attr in ("_pytree", "_local_tensor", "_version", "_parameters", "_buffers", "_optimizer",
+                                                                  "_init_weights", "_qkv_same_embed_dim",
                                                                   "_reset_optimizers_and_schedulers"):
                 offenders.append(f"{path.name}:{node.lineno}: .{node.attr}")
     assert not offenders, offenders
