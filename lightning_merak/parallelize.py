@@ -169,9 +169,16 @@ def tensor_parallel_plan(pipelined: nn.Module, example: tuple[tuple, dict], tp: 
     from lightning_merak.tensor_parallel import tp_plan_for
     from lightning_merak.trace import meta_twin
 
-    # on a meta twin: the module may be meta-built, or on the CPU while the example is on the device
-    to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
-    tp_plan = tp_plan_for(meta_twin(pipelined), tp, tree_map(to_meta, example))
+    # on a twin: the module may be meta-built, or on the CPU while the example is on the device. A meta twin
+    # needs no memory; where the model's code needs real values (BERT's mask check), a zero-weight CPU twin runs
+    # instead, as for the proxy capture
+    def on(device: str) -> tuple[tuple, dict]:
+        return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example)
+
+    try:
+        tp_plan = tp_plan_for(meta_twin(pipelined), tp, on("meta"))
+    except Exception:  # noqa: BLE001 - any failure on meta: the zero-weight twin shows the real error, if any
+        tp_plan = tp_plan_for(meta_twin(pipelined, "cpu"), tp, on("cpu"))
     rank_zero_info(f"Merak tensor-parallel plan:\n{tp_plan.table()}")
     return tp_plan
 
