@@ -63,8 +63,8 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh, device) if pp > 1 else None
     local = materialize(pipelined, device, seed, prefix=path)
     forget_checkpoints(lightning_module)
-    report_materialized(outside.total_bytes + local.total_bytes, full_bytes, local.initialized_bytes > 0,
-                        len(outside.read_keys) + len(local.read_keys))
+    held = sum(t.numel() * t.element_size() for t in [*lightning_module.parameters(), *lightning_module.buffers()])
+    report_materialized(held, full_bytes, local.initialized_bytes > 0, len(outside.read_keys) + len(local.read_keys))
     if tp_plan is not None:
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     if cut is not None:  # after TP: the groups hold the parameters the optimizer will see (DTensors under TP)
@@ -122,12 +122,13 @@ def init_seed() -> int:
 
 
 def report_materialized(local_bytes: int, full_bytes: int, initialized: bool, read: int) -> None:
-    """Log every rank's parameter and buffer bytes on its device against the whole model's parameters."""
+    """Log the parameter and buffer bytes every rank holds on its device (before TP shards them) against the whole
+    model's parameters."""
     per_rank = [(local_bytes, read)]
     if dist.is_initialized():
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, (local_bytes, read))
-    how = "built on the meta device" if initialized else "moved"
+    how = "built on the meta device" if initialized else "built eagerly, cut first"
     reads = f"; tensors read from the pretrained folder per rank: {[r for _, r in per_rank]}" if read else ""
     rank_zero_info(f"Merak materialised per rank ({how}): " + ", ".join(format_bytes(b) for b, _ in per_rank)
                    + f" of the model's {format_bytes(full_bytes)} of parameters{reads}")
