@@ -11,6 +11,7 @@ Run: ``python examples/finetune_pretrained.py [--folder /tmp/merak_gpt2] [--pp 2
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -67,7 +68,7 @@ class FirstAndLast(pl.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", default="/tmp/merak_pretrained_gpt2")
+    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "merak_pretrained_gpt2"))
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
