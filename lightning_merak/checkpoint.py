@@ -72,7 +72,7 @@ def local_path(filepath: Any) -> Path:
             raise CheckpointError(
                 f"checkpoint path {text!r} is a {scheme}:// URL, but MerakStrategy writes and reads sharded "
                 "checkpoints on a local (or mounted network) file system only. Use a local path, e.g. "
-                "ModelCheckpoint(dirpath='/mnt/bucket/ckpts') on a mounted bucket, and copy the folder afterwards."
+                "a ModelCheckpoint dirpath on a mounted bucket, and copy the folder afterwards."
             )
         text = rest
     return Path(text)

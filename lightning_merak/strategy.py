@@ -276,10 +276,13 @@ class MerakStrategy(ParallelStrategy):
 
     @contextmanager
     def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
-        """``configure_model()`` and ``trainer.init_module()`` build on the meta device (``empty_init=False``: on
-        the CPU); ``setup`` materialises only this rank's tensors after the cut, with each module's own init."""
-        device = torch.device("cpu") if empty_init is False else torch.device("meta")
+        """``configure_model()`` and ``trainer.init_module(empty_init=True)`` build on the meta device; ``setup``
+        materialises only this rank's tensors after the cut, with each module's own init. A plain
+        ``trainer.init_module()`` builds real weights on the CPU (the user may load or edit them before ``fit``;
+        on meta that would silently do nothing), which the cut still comes before."""
         module = self.lightning_module
+        in_configure_model = empty_init is None and module is not None  # Lightning's call around the hook
+        device = torch.device("meta") if empty_init is True or in_configure_model else torch.device("cpu")
         before = {id(t) for t in _tensors(module)} if module is not None else None
         with device, self.precision_plugin.tensor_init_context(), lazy_from_pretrained():
             yield

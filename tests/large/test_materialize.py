@@ -203,3 +203,15 @@ def test_configure_model_on_a_real_device_is_refused():
     with strategy.tensor_init_context():  # without device=, the module lands on meta, as planned
         module.head = nn.Linear(2, 2)
     assert module.head.weight.is_meta
+
+
+def test_init_module_builds_on_meta_only_when_asked():
+    """``trainer.init_module()`` keeps real weights a user may load before fit; ``empty_init=True`` means meta."""
+    from lightning_merak import MerakStrategy
+
+    strategy = MerakStrategy()
+    with strategy.tensor_init_context():
+        plain = nn.Linear(2, 2)
+    with strategy.tensor_init_context(empty_init=True):
+        empty = nn.Linear(2, 2)
+    assert plain.weight.device.type == "cpu" and empty.weight.is_meta
