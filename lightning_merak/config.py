@@ -21,6 +21,7 @@ from lightning_merak.pipeline.plan.schedules import (
 )
 
 RNG_MODES = ("torch", "microbatch")
+BATCH_LOSS_MODES = ("auto", "whole", "microbatch")
 RECOMPUTE_MODES = ("stage_aware", "none", "full")
 MEMORY_MANAGERS = ("none", "delta")
 ZERO_STAGES = (0, 1, 2)
@@ -106,6 +107,7 @@ class MerakConfig:
     trace_dir: str | None = None
     rng: str = "torch"
     zero_stage: int = 0
+    batch_loss: str = "auto"
     budget_bytes: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +138,12 @@ class MerakConfig:
             raise MerakConfigError(
                 f"rng={self.rng!r} is unknown; choose 'torch' (torch's generators as they are) or 'microbatch' "
                 "(streams per micro-batch and module: dropout masks independent of the parallel layout)."
+            )
+        if self.batch_loss not in BATCH_LOSS_MODES:
+            raise MerakConfigError(
+                f"batch_loss={self.batch_loss!r} is unknown; choose 'auto' (the first step compares the whole-batch "
+                "loss with the mean of the micro-batch losses), 'whole' (the last pipeline stage computes the loss "
+                "once over every micro-batch) or 'microbatch' (one loss per micro-batch, averaged)."
             )
         self._check_zero()
         self.budget_bytes = parse_bytes(self.memory_budget)

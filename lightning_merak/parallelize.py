@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_merak import topology
@@ -58,7 +58,7 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     outside = materialize(lightning_module, device, seed, skip=pipelined)
     num_microbatches = config.microbatches(pp)
     example = example_inputs(lightning_module, pipelined, batch, step_name, num_microbatches)
-    warn_batch_coupled(pipelined, pp)
+    warn_batch_coupled(pipelined, pp, num_microbatches)
     tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None
     cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh, device) if pp > 1 else None
     local = materialize(pipelined, device, seed, prefix=path)
@@ -82,7 +82,8 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     return PipelineEngine(lightning_module, pipelined, cut.stages, pp_group=topology.group(mesh, "pp"),
                           device=device, num_microbatches=num_microbatches, stage_to_rank=cut.placement, auto=auto,
                           schedule_name=auto.decision.name, tied_groups=cut.tied, delta=delta, rng=rng,
-                          pre_checkpoint=config.recompute != "none", trace_dir=config.trace_dir)
+                          pre_checkpoint=config.recompute != "none", trace_dir=config.trace_dir,
+                          batch_loss=config.batch_loss)
 
 
 # ---------------------------------------------------------------------------------------------- 1, 2
@@ -152,16 +153,18 @@ def example_inputs(lightning_module: Any, pipelined: nn.Module, batch: Any, step
     return capture_model_call(getattr(lightning_module, step_name), pipelined, lightning_module, micro, 0)
 
 
-def warn_batch_coupled(pipelined: nn.Module, pp: int) -> None:
-    """A pipeline shows modules micro-batches, not the batch: warn once for layers that couple samples."""
-    if pp <= 1:
+def warn_batch_coupled(pipelined: nn.Module, pp: int, num_microbatches: int) -> None:
+    """A pipeline shows its blocks micro-batches, not the batch: a layer that couples the samples inside a block
+    cannot equal one process (a loss that does is computed over the whole batch: ``batch_loss``)."""
+    if pp <= 1 or num_microbatches <= 1:
         return
-    for name, module in pipelined.named_modules():
-        if isinstance(module, BATCH_NORM_TYPES) and module.training:
-            rank_zero_info(f"Merak: `{name}` ({type(module).__name__}) normalises over a batch; under the pipeline it "
-                           "sees micro-batches, so results equal gradient accumulation over micro-batches, not one "
-                           "full-batch step (see README, batch-coupled computations).")
-            return
+    names = [f"`{name}` ({type(module).__name__})" for name, module in pipelined.named_modules()
+             if isinstance(module, BATCH_NORM_TYPES) and module.training]
+    if names:
+        rank_zero_warn(f"Merak: {', '.join(names[:3])}{' and more' if len(names) > 3 else ''} normalise over the "
+                       f"batch; inside the pipeline they see micro-batches of 1/{num_microbatches} of it, so training "
+                       "differs from one process (it equals gradient accumulation over the micro-batches). Use "
+                       "num_microbatches=1, or GroupNorm/LayerNorm, for one process's results.")
 
 
 # ---------------------------------------------------------------------------------------------- 3, 6

@@ -29,6 +29,7 @@ from torch import nn
 
 _MASK64 = (1 << 64) - 1
 _START, _EXIT, _STEP = 0x5354415254, 0x45584954, 0x53544550  # salts: "START", "EXIT", "STEP"
+_BATCH = 0x4241544348  # "BATCH": a run of the user's step over the whole batch (a loss that couples the batch)
 
 
 def mix(*values: int) -> int:
@@ -80,6 +81,11 @@ class MicrobatchRNG:
         self._entered.clear()  # a pipeline stage's forward stops early (mid-module): its exits never run
         self._reseed(mix(self.seed, self.index(batch_index, micro, num_micro), _START))
 
+    def start_batch(self, batch_index: int) -> None:
+        """Begin a run of the user's step over the whole batch (capture and last stage draw alike)."""
+        self._entered.clear()
+        self._reseed(mix(self.seed, self.index(batch_index, 0, 1), _BATCH))
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -120,6 +126,10 @@ class StepStreams:
 
     def start(self, batch_index: int, micro: int = 0, num_micro: int = 1) -> None:
         _reseed(mix(self.seed, self.index(batch_index, micro, num_micro), _STEP), self.device)
+
+    def start_batch(self, batch_index: int) -> None:
+        """Before a run of the user's step over the whole batch (a loss that couples the batch)."""
+        _reseed(mix(self.seed, self.index(batch_index, 0, 1), _BATCH), self.device)
 
     def install(self) -> None:
         """Nothing to install: no hooks."""

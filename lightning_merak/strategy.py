@@ -82,6 +82,11 @@ class MerakStrategy(ParallelStrategy):
             all-gathers the new values) or 2 (as 1, and gradients are reduce-scattered instead of all-reduced, so
             from the sync on each replica holds only its owned ones; pipeline_parallel_size=1 only). Any optimizer
             but LBFGS; see ``lightning_merak.zero``.
+        batch_loss: under a pipeline, "auto" (default: the first step compares, on the last stage, the loss of the
+            whole batch with the mean of the micro-batch losses; where they differ the loss couples the batch, as
+            in-batch negatives or a mean over a varying count of real tokens do, and the last stage computes it
+            once over every micro-batch, with every forward before any backward), "whole" (always so) or
+            "microbatch" (one loss per micro-batch, averaged: gradient accumulation's semantics).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for any
             Lightning ParallelStrategy (normally filled in by the Trainer).
         process_group_backend: "gloo" on CPU, "nccl" on GPU by default.
@@ -107,6 +112,7 @@ class MerakStrategy(ParallelStrategy):
         trace_dir: Optional[str] = None,
         rng: Literal["torch", "microbatch"] = "torch",
         zero_stage: Literal[0, 1, 2] = 0,
+        batch_loss: Literal["auto", "whole", "microbatch"] = "auto",
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -125,6 +131,7 @@ class MerakStrategy(ParallelStrategy):
             pipeline_schedule=pipeline_schedule, partition=partition, recompute=recompute,
             subtensor_chunks=subtensor_chunks, memory_manager=memory_manager, memory_budget=memory_budget,
             pipeline_module=pipeline_module, trace_dir=trace_dir, rng=rng, zero_stage=zero_stage,
+            batch_loss=batch_loss,
         )
         if start_method != "popen":
             raise MerakConfigError(

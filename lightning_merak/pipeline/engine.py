@@ -21,13 +21,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from lightning_merak._compat import local_shard
+from lightning_merak._compat import local_shard, tree_flatten
+from lightning_merak.pipeline.microbatch import PipelineInputError
 from lightning_merak.pipeline.plan.choose import ScheduleDecision
-from lightning_merak.pipeline.takeover import StageRunner, capture_model_call, redirect_forward, split_batch
+from lightning_merak.pipeline.takeover import (
+    LossProbe,
+    StageRunner,
+    WholeBatchLoss,
+    capture_model_call,
+    loss_of,
+    merge_dims,
+    redirect_forward,
+    split_batch,
+)
 from lightning_merak.trace import shape_signature
 from lightning_merak.units import format_bytes
 
@@ -114,7 +124,7 @@ class PipelineEngine:
                  pp_group: dist.ProcessGroup, device: torch.device, num_microbatches: int,
                  stage_to_rank: tuple[int, ...], auto: Any, schedule_name: str, tied_groups: list[Any],
                  delta: Any = None, rng: Any = None, pre_checkpoint: bool = True,
-                 trace_dir: str | None = None) -> None:
+                 trace_dir: str | None = None, batch_loss: str = "auto") -> None:
         self.lightning_module = lightning_module
         self.pipelined = pipelined
         self.stage_modules = stage_modules  # this rank's stages, in stage order (two for interleaved / V)
@@ -141,6 +151,14 @@ class PipelineEngine:
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()
         self._last_schedule: Any = None
         self._delta_reported = False
+        # a loss over the whole batch (True), per micro-batch (False), or None: "auto" decides on the first step
+        self.batch_loss = batch_loss
+        self.whole_batch = {"whole": True, "microbatch": False}.get(batch_loss) if num_microbatches > 1 else False
+        self._split_whole_capture: bool | None = None  # the whole batch's model call splits like its micro-batches
+        inside = {id(p) for p in pipelined.parameters()}
+        # parameters outside the pipelined module (a loss head): every rank holds them, the last stage's run of
+        # the step computes their gradients
+        self.outside = [p for p in lightning_module.parameters() if id(p) not in inside]
         self.use_schedule(schedule_name)
 
     # ------------------------------------------------------------------ schedule
@@ -154,7 +172,8 @@ class PipelineEngine:
             stage.checkpoint_ratio(self.auto.ratios[stage.stage_index])
         self._schedules.clear()
 
-    def _schedule_for(self, signature: tuple, metas: list[tuple[tuple, tuple]]) -> Any:
+    def _schedule_for(self, signature: tuple, metas: list[tuple[tuple, tuple]], whole: bool) -> Any:
+        signature = (*signature, whole)
         if signature in self._schedules:
             self._schedules.move_to_end(signature)
             return self._schedules[signature]
@@ -170,7 +189,8 @@ class PipelineEngine:
         table = None if self.pre_checkpoint or not spec(self.schedule_name).pre_checkpoints else ()
         schedule = build_schedule(self.schedule_name, stages if len(stages) > 1 else stages[0],
                                   self.num_microbatches, loss_fn=_identity_loss, recompute_table=table,
-                                  record_timeline=self.trace_dir is not None or self.auto.reselects)
+                                  record_timeline=self.trace_dir is not None or self.auto.reselects,
+                                  whole_batch_loss=whole)
         self._schedules[signature] = schedule
         if len(self._schedules) > SCHEDULE_CACHE:
             self._schedules.popitem(last=False)
@@ -183,32 +203,138 @@ class PipelineEngine:
                 p.grad = None
         step = self.lightning_module.training_step
         micro = split_batch(batch, self.num_microbatches)
-        # a rank holding only the last stage re-runs the user's step itself: it needs only the first micro-batch's
-        # shapes
-        only_last = self.holds_last and len(self.runners) == 1
-        inputs = []
-        for j, mb in enumerate(micro[:1] if only_last else micro):
-            if self.rng is not None:  # the user's step before the model call draws as it does in the runner
-                self.rng.start(ctx.rng_batch, j, self.num_microbatches)
-            inputs.append(capture_model_call(step, self.pipelined, self.lightning_module, mb, batch_idx, *args))
-        for runner in self.runners:
-            runner.inputs, runner.weights = inputs, [1.0 / self.num_microbatches] * self.num_microbatches
-            runner.rng, runner.batch_index = self.rng, ctx.rng_batch
-            runner.loss_scale = ctx.loss_scale
-        self.last_runner.steps = [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro]
-        self.last_runner.step_outputs = []
+        if self.whole_batch is None:
+            self._probe_batch_loss(step, batch, micro, batch_idx, args, ctx.rng_batch)
+        whole = self.whole_batch
+        inputs, whole_call = self._capture_inputs(step, batch, micro, batch_idx, args, ctx.rng_batch, whole)
+        self._prepare_runners(ctx.rng_batch, inputs, [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro])
+        self.last_runner.loss_scale = ctx.loss_scale
+        if self.holds_last and whole:
+            dims = merge_dims(*self._last_stage_metas(inputs[0], whole_call), self.num_microbatches)
+            self.last_runner.whole = WholeBatchLoss(lambda: step(batch, batch_idx, *args), self.num_microbatches,
+                                                    dims)
         metas = [m.boundary_metas(*inputs[0]) for m in self.stage_modules]
-        schedule = self._schedule_for(shape_signature(*inputs[0]), metas)
+        schedule = self._schedule_for(shape_signature(*inputs[0]), metas, whole)
         index = torch.arange(self.num_microbatches)
         if self.holds_last:
             schedule.step(mb=index, target=index, losses=[], return_outputs=False)
         else:
             schedule.step(mb=index)
         self._sum_tied_grads()
+        self._share_outside_grads()
         self._last_schedule = schedule
         if self.trace_dir is not None:
             self._write_timeline(schedule, ctx.global_step)
         return self._finish_step()
+
+    def _prepare_runners(self, rng_batch: int, inputs: list, steps: list) -> None:
+        for runner in self.runners:
+            runner.inputs, runner.weights = inputs, [1.0 / self.num_microbatches] * self.num_microbatches
+            runner.rng, runner.batch_index = self.rng, rng_batch
+        self.last_runner.steps, self.last_runner.step_outputs, self.last_runner.whole = steps, [], None
+
+    def _last_stage_metas(self, micro_call: tuple, whole_call: tuple) -> tuple[tuple, tuple]:
+        """Shapes of what the last stage receives for one micro-batch and for the whole batch."""
+        stage = self.last_runner.stage
+        return stage.boundary_metas(*micro_call)[0], stage.boundary_metas(*whole_call)[0]
+
+    def _capture_inputs(self, step: Any, batch: Any, micro: list[Any], batch_idx: int, args: tuple,
+                        rng_batch: int, whole: bool, quiet: bool = False
+                        ) -> tuple[list[tuple[tuple, dict]], tuple | None]:
+        """The model call's (args, kwargs) per micro-batch, for the stages to rebuild what they do not receive;
+        with a whole-batch loss also the whole batch's call, split into the micro-batches' where it splits like
+        them, so that what the step draws before the model call is the one draw the last stage's run makes.
+
+        Only the captures whose effects count are loud (``takeover.quiet_run``): on a rank with the last stage, its
+        own run of the step is the one; ``quiet``: none of them count (the probe of ``batch_loss="auto"``)."""
+        lm, m = self.lightning_module, self.num_microbatches
+        only_last = self.holds_last and len(self.runners) == 1  # needs only the first micro-batch's shapes
+
+        def per_micro(loud: bool) -> list[tuple[tuple, dict]]:
+            calls = []
+            for j, mb in enumerate(micro[:1] if only_last else micro):
+                if self.rng is not None:  # the user's step before the model call draws as it does in the runner
+                    self.rng.start(rng_batch, j, m)
+                calls.append(capture_model_call(step, self.pipelined, lm, mb, batch_idx, *args, quiet=not loud))
+            return calls
+
+        if not whole:
+            return per_micro(loud=not (self.holds_last or quiet)), None
+        if self.rng is not None:
+            self.rng.start_batch(rng_batch)
+        whole_call = capture_model_call(step, self.pipelined, lm, batch, batch_idx, *args,
+                                        quiet=self.holds_last or quiet)
+        if self._split_whole_capture is None:
+            self._split_whole_capture = _splits_like(whole_call, per_micro(loud=False)[0], m)
+        if self._split_whole_capture:
+            return split_batch(whole_call, m), whole_call
+        return per_micro(loud=False), whole_call
+
+    def _whole_batch_fits(self) -> bool:
+        """Whether the last stage can hold every micro-batch's activations at once within the memory budget
+        (modelled: its static bytes plus num_microbatches x one micro-batch's saved bytes)."""
+        budget = getattr(self.auto, "budget", None)
+        if budget is None:
+            return True
+        cost = self.auto.costs[-1]
+        return cost.static_bytes + self.num_microbatches * cost.activation_bytes <= budget
+
+    def _probe_batch_loss(self, step: Any, batch: Any, micro: list[Any], batch_idx: int, args: tuple,
+                          rng_batch: int) -> None:
+        """``batch_loss="auto"``, before the first step trains: a forward-only pass of every micro-batch (eval mode,
+        no gradients, quiet runs of the step, generators left as they were), then on the last stage the loss of
+        the whole batch against the mean of the micro-batch losses (``LossProbe``); settles ``whole_batch``."""
+        lm, m = self.lightning_module, self.num_microbatches
+        modes = {mod: mod.training for mod in lm.modules()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        lm.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                inputs, whole_call = self._capture_inputs(step, batch, micro, batch_idx, args, rng_batch,
+                                                          whole=True, quiet=True)
+                received = [self._forward_only(*inputs[min(j, len(inputs) - 1)]) for j in range(m)]
+                verdict = None
+                if self.holds_last:
+                    verdict = self._probe_verdict(step, batch, micro, batch_idx, args, rng_batch, inputs,
+                                                  whole_call, received)
+        finally:
+            for mod, training in modes.items():
+                mod.training = training
+        payload = [verdict]
+        dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
+        self._settle_batch_loss(payload[0])
+
+    def _probe_verdict(self, step: Any, batch: Any, micro: list[Any], batch_idx: int, args: tuple, rng_batch: int,
+                       inputs: list, whole_call: tuple, received: list) -> tuple:
+        try:
+            dims, unmergeable = merge_dims(*self._last_stage_metas(inputs[0], whole_call), self.num_microbatches), None
+        except PipelineInputError as err:
+            dims, unmergeable = None, str(err)
+        self._prepare_runners(rng_batch, inputs, [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro])
+        probe = LossProbe(lambda: step(batch, batch_idx, *args), self.num_microbatches, dims)
+        probe.received = received
+        probe.compare(self.last_runner)
+        return probe.couples, probe.whole_loss, probe.micro_loss, unmergeable, probe.draws
+
+    def _forward_only(self, model_args: tuple, model_kwargs: dict) -> tuple | None:
+        """One micro-batch through this rank's stages in order, without gradients (receive, run, send); returns
+        what the last stage received, on the rank that holds it."""
+        outputs: tuple = ()
+        with torch.no_grad():
+            for stage in self.stage_modules:
+                i = stage.stage_index
+                received = outputs
+                if i > 0 and self.stage_to_rank[i - 1] != self.pp_rank:
+                    recv_metas, _ = stage.boundary_metas(model_args, model_kwargs)
+                    received = tuple(self._recv(meta, self.stage_to_rank[i - 1]) for meta in recv_metas)
+                if i == self.num_stages - 1:
+                    return received
+                outputs = stage(*received, model_args=model_args, model_kwargs=model_kwargs)
+                if self.stage_to_rank[i + 1] != self.pp_rank:
+                    dst = dist.get_global_rank(self.pp_group, self.stage_to_rank[i + 1])
+                    for t in outputs:
+                        dist.send(t, dst=dst, group=self.pp_group)  # stage outputs are contiguous
+        return None
 
     def end_step(self, global_step: int) -> dict[str, float]:
         """After the optimizer step: "auto"'s re-choice once, and every stage's DELTA ledger as metrics."""
@@ -264,12 +390,46 @@ class PipelineEngine:
         payload = [None]
         if self.holds_last:
             runner = self.last_runner
-            losses = [o["loss"] if isinstance(o, dict) else o for o in runner.step_outputs]
-            loss = sum(float(v.detach()) * w for v, w in zip(losses, runner.weights, strict=True))
+            loss = sum(float(loss_of(o).detach()) * w for o, w in runner.step_outputs)
             payload = [(loss, runner.recorder.summary(self.lightning_module))]
+            runner.whole = None
         dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
         loss, logged = payload[0]
         return StepResult(torch.tensor(loss, device=self.device), logged)
+
+    def _settle_batch_loss(self, verdict: tuple) -> None:
+        """"auto"'s choice for every step: a whole-batch loss wherever any replica's loss coupled its first batch
+        (one flag for the world, so every pipeline runs the same schedule)."""
+        couples, whole_loss, micro_loss, unmergeable, draws = verdict
+        flag = torch.tensor([float(couples)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        couples = bool(flag.item())
+        fits = self._whole_batch_fits()
+        measured = ("" if whole_loss is None else
+                    f" (first step: whole-batch loss {whole_loss:.6g}, mean of the micro-batch losses {micro_loss:.6g})")
+        if not couples and draws:
+            self.whole_batch = False
+            rank_zero_info("Merak batch_loss='auto': training_step draws random numbers itself, so the first step "
+                           "cannot tell whether the loss couples the batch; one loss per micro-batch. If it does (in-"
+                           "batch negatives, a mean over a varying count of tokens), set MerakStrategy(batch_loss="
+                           "'whole').")
+        elif not couples:
+            self.whole_batch = False
+            rank_zero_info(f"Merak batch_loss='auto': the loss does not couple the batch{measured}; one loss per "
+                           "micro-batch.")
+        elif unmergeable is not None or not fits:
+            self.whole_batch = False
+            why = unmergeable or (f"the last stage would hold all {self.num_microbatches} micro-batches' activations, "
+                                  "over the memory budget")
+            rank_zero_warn(f"Merak batch_loss='auto': the loss couples the batch{measured}, but it stays one loss per "
+                           f"micro-batch, so results differ from one process: {why}. Set "
+                           "MerakStrategy(batch_loss='whole') to compute it over the whole batch anyway, or "
+                           "num_microbatches=1.")
+        else:
+            self.whole_batch = True
+            rank_zero_info(f"Merak batch_loss='auto': the loss couples the batch{measured}, so the last stage computes "
+                           f"it once over all {self.num_microbatches} micro-batches; the schedule runs every forward "
+                           "before any backward.")
 
     def stage_of_parameters(self) -> dict[int, int] | None:
         """id(parameter) -> the stage holding it (this rank holds two under interleaved / V schedules)."""
@@ -291,6 +451,21 @@ class PipelineEngine:
                 if placements is not None and p.grad.placements != placements:
                     p.grad = p.grad.redistribute(p.device_mesh, placements)
                 dist.all_reduce(local_shard(p.grad), group=group)
+
+    def _share_outside_grads(self) -> None:
+        """The last stage's gradients of the parameters outside the pipelined module, on every rank of the pipeline,
+        so every copy takes the same optimizer step (one process's)."""
+        if not self.outside:
+            return
+        has = torch.tensor([p.grad is not None for p in self.outside], dtype=torch.uint8, device=self.device)
+        dist.broadcast(has, src=self.last_rank, group=self.pp_group)  # a parameter the loss did not use has none
+        for p, used in zip(self.outside, has.tolist(), strict=True):
+            if not used:
+                p.grad = None
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.broadcast(local_shard(p.grad), src=self.last_rank, group=self.pp_group)
 
     def memory_report(self, rank: int) -> str | None:
         if self.delta is None:
@@ -356,6 +531,20 @@ class PipelineEngine:
         buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
         dist.recv(buf, src=dist.get_global_rank(self.pp_group, pp_rank), group=self.pp_group)
         return buf
+
+
+def _splits_like(call: tuple, first_micro: tuple, num_microbatches: int) -> bool:
+    """Whether the whole batch's model call, split as a batch is, gives the first micro-batch's call its layout
+    (a graph batch's node-index tensors do not split along their first dimension, for instance)."""
+    try:
+        piece = split_batch(call, num_microbatches)[0]
+    except PipelineInputError:
+        return False
+    (a, a_spec), (b, b_spec) = tree_flatten(piece), tree_flatten(first_micro)
+    if a_spec != b_spec:
+        return False
+    return all(type(x) is type(y) and (not isinstance(x, torch.Tensor) or x.shape == y.shape)
+               for x, y in zip(a, b, strict=True))
 
 
 def _example(t: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,14 @@ from lightning_merak._compat import (
     _ScheduleForwardOnly,
     _wait_batch_p2p,
 )
-from lightning_merak.pipeline.plan.schedules import Action, Schedule, ScheduleError, spec, to_torch_actions
+from lightning_merak.pipeline.plan.schedules import (
+    Action,
+    Schedule,
+    ScheduleError,
+    forwards_first,
+    spec,
+    to_torch_actions,
+)
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -177,13 +184,15 @@ class ActionListSchedule(_PipelineScheduleRuntime):
 
 def build_schedule(name: str, stage: PipelineStage | Sequence[PipelineStage], n_microbatches: int,
                    loss_fn: Callable | None, *, recompute_table: Collection[tuple[int, int]] | None = None,
-                   scale_grads: bool = False, record_timeline: bool = False):
+                   scale_grads: bool = False, record_timeline: bool = False, whole_batch_loss: bool = False):
     """The torch schedule object that runs ``name`` over this rank's stage(s).
 
     ``stage``: one ``PipelineStage`` (gpipe, 1f1b, shifted_critical_path) or a list of two (interleaved_1f1b,
     zbv). ``recompute_table``: (stage, micro-batch) pairs to pre-checkpoint under shifted_critical_path
     (default: Merak's, from the schedule). ``record_timeline``: run on ``ActionListSchedule`` whatever the
     name, so that ``.timeline_events`` holds this rank's real (action, start, end) records after each step.
+    ``whole_batch_loss``: every forward before any backward (``forwards_first``), so the last stage can compute a
+    loss that couples the batch once over all micro-batches.
     Micro-batch rules are checked by the action-list builders, so a bad count fails here with the rule.
     """
     entry = spec(name)
@@ -192,7 +201,9 @@ def build_schedule(name: str, stage: PipelineStage | Sequence[PipelineStage], n_
         raise ScheduleError(f"pipeline_schedule={name!r} runs {entry.stages_per_rank} stage(s) per rank; got "
                             f"{len(stages)}.")
     plan = entry.build(stages[0].group_size, n_microbatches)   # validates the micro-batch rules
-    if record_timeline or recompute_table or entry.torch_class is None:
+    if whole_batch_loss:
+        plan = forwards_first(plan)
+    if record_timeline or recompute_table or whole_batch_loss or entry.torch_class is None:
         return ActionListSchedule(stages, plan, loss_fn, pre_checkpointed=recompute_table, scale_grads=scale_grads,
                                   record_timeline=record_timeline)
     torch_class = getattr(torch_pipelining, entry.torch_class)

@@ -10,11 +10,21 @@ of every micro-batch, so the strategy's ``training_step`` takes over (the design
   stage output (``StageRunner``), so whatever the step does after the model call (a loss, logging) happens
   exactly as written; the loss returned to Lightning is the micro-batch mean, identical on every rank;
 - what the last stage logs is recorded, averaged over micro-batches and replayed on every rank of the pipeline
-  (``LogRecorder``), so callbacks, loggers and ``sync_dist`` behave as under DDP.
+  (``LogRecorder``), so callbacks, loggers and ``sync_dist`` behave as under DDP;
+- a loss that couples the samples of the batch (in-batch negatives, a mean over a varying count of real tokens)
+  is computed once over the whole batch on the last stage (``WholeBatchLoss``): the stage runs over the
+  concatenated inputs of every micro-batch and hands each micro-batch's received tensors their gradients.
+
+The part of the step before the model call runs once per micro-batch (once per batch for a whole-batch loss) on
+every rank: as the capture on ranks without the last stage, as the loss on the last stage. Extra runs, which only
+capture (a rank holding the last stage also captures), are quiet: ``self.log`` is ignored, prints are silenced and
+attributes set on the LightningModule are put back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -71,15 +81,32 @@ def muted_logging(lightning_module: Any) -> Iterator[None]:
         del lightning_module.log
 
 
-def capture_model_call(step: Callable[..., Any], module: nn.Module, lightning_module: Any, *step_args: Any
-                       ) -> tuple[tuple, dict]:
-    """Run the user's ``step`` until it calls ``module``; return that call's (args, kwargs)."""
+@contextmanager
+def quiet_run(lightning_module: Any) -> Iterator[None]:
+    """A run of the user's step that only captures or measures: prints silenced, and attributes the step sets on
+    the LightningModule (a counter, a cached value) put back, so they change once per micro-batch as written."""
+    before = {k: v for k, v in vars(lightning_module).items() if not k.startswith("_")}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        state = vars(lightning_module)
+        for key in [k for k in state if not k.startswith("_") and k not in before]:
+            del state[key]
+        state.update(before)
+
+
+def capture_model_call(step: Callable[..., Any], module: nn.Module, lightning_module: Any, *step_args: Any,
+                       quiet: bool = False) -> tuple[tuple, dict]:
+    """Run the user's ``step`` until it calls ``module``; return that call's (args, kwargs). ``quiet``: this run is
+    not the one whose effects count (``quiet_run``)."""
 
     def stop(*args: Any, **kwargs: Any) -> Any:
         raise _Captured(args, kwargs)
 
     try:
-        with redirect_forward(module, stop), muted_logging(lightning_module), torch.no_grad():
+        with redirect_forward(module, stop), muted_logging(lightning_module), torch.no_grad(), \
+                (quiet_run(lightning_module) if quiet else contextlib.nullcontext()):
             step(*step_args)
     except _Captured as captured:
         return captured.args, captured.kwargs
@@ -162,7 +189,8 @@ class StageRunner(nn.Module):
         self.weights: list[float] = []
         self.loss_scale = 1.0
         self.recorder = LogRecorder()
-        self.step_outputs: list[Any] = []
+        self.step_outputs: list[tuple[Any, float]] = []  # (what the user's step returned, its weight in the loss)
+        self.whole: WholeBatchLoss | None = None  # this step computes the loss over the whole batch
         self.rng: Any = None  # the step's RNG streams (``rng.StepStreams`` or ``rng.MicrobatchRNG``), or None
         self.batch_index = 0
         self._params: list[nn.Parameter] | None = None
@@ -206,15 +234,187 @@ class StageRunner(nn.Module):
             if index:
                 self._check_boundary_shapes(index)
             return self.stage(*received, model_args=args, model_kwargs=kwargs)
+        if self.whole is not None:
+            return self.whole.forward(self, index, received)
+        output = self.run_step(self.steps[index], received, self.weights[index])
+        self.step_outputs.append((output, self.weights[index]))
+        loss = loss_of(output)
+        if not isinstance(loss, torch.Tensor):
+            return torch.zeros(())  # forward-only use: the step's output is kept in step_outputs
+        return loss * (self.weights[index] * self.loss_scale)
+
+    def run_step(self, step: Callable[[], Any], received: tuple, weight: float | None) -> Any:
+        """The user's step with the pipelined module's forward running this (last) stage on ``received``; what it
+        logs is recorded with ``weight`` (None: a measuring run, whose logging is ignored)."""
 
         def run_stage(*args: Any, **kwargs: Any) -> Any:
             return self.stage(*received, model_args=args, model_kwargs=kwargs)
 
+        lm = self._lightning_module
         with redirect_forward(self._pipelined, run_stage), \
-                self.recorder.recording(self._lightning_module, self.weights[index]):
-            output = self.steps[index]()
-        self.step_outputs.append(output)
-        loss = output["loss"] if isinstance(output, dict) else output
-        if not isinstance(loss, torch.Tensor):
-            return torch.zeros(())  # forward-only use: the step's output is kept in step_outputs
-        return loss * (self.weights[index] * self.loss_scale)
+                (muted_logging(lm) if weight is None else self.recorder.recording(lm, weight)):
+            return step()
+
+
+def loss_of(output: Any) -> Any:
+    """The loss in what the user's step returned (a tensor, or a dict with "loss"), as Lightning reads it."""
+    return output["loss"] if isinstance(output, dict) else output
+
+
+class _DeferredGrad(torch.autograd.Function):
+    """A micro-batch's stand-in loss on the last stage: zero in forward; its backward hands the tensors this
+    micro-batch received the gradients the whole-batch loss gave them."""
+
+    @staticmethod
+    def forward(ctx: Any, whole: WholeBatchLoss, index: int, *received: torch.Tensor) -> torch.Tensor:
+        ctx.whole, ctx.index = whole, index
+        return received[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return (None, None, *(g * grad for g in ctx.whole.input_grads[ctx.index]))
+
+
+def merge_dims(per_micro: tuple, whole: tuple, num_microbatches: int) -> list[int | None]:
+    """For each tensor the last stage receives: the dimension along which the micro-batches' copies concatenate
+    into the whole batch's (shape metas of one micro-batch and of the batch), or None for a tensor the batch does
+    not size (a position bias: every micro-batch receives the same). ``PipelineInputError`` where neither holds."""
+    dims: list[int | None] = []
+    for i, (a, b) in enumerate(zip(per_micro, whole, strict=True)):
+        if tuple(a.shape) == tuple(b.shape):
+            dims.append(None)
+            continue
+        differ = [d for d, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y]
+        if a.dim() != b.dim() or len(differ) != 1 or b.shape[differ[0]] != num_microbatches * a.shape[differ[0]]:
+            raise PipelineInputError(
+                f"The last pipeline stage receives tensor {i} of shape {tuple(a.shape)} per micro-batch and "
+                f"{tuple(b.shape)} for the whole batch: it cannot be concatenated from the micro-batches, so the "
+                "loss cannot be computed once over the whole batch. Set MerakStrategy(batch_loss='microbatch') "
+                "(one loss per micro-batch, averaged) or num_microbatches=1."
+            )
+        dims.append(differ[0])
+    return dims
+
+
+def merge_received(received: list, dims: list[int | None]) -> tuple:
+    """The whole batch's received tensors from the micro-batches' (``merge_dims``), detached: the leaves whose
+    gradients are split back."""
+    merged = []
+    for i, dim in enumerate(dims):
+        parts = [r[i] for r in received]
+        t = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        merged.append(t.detach().requires_grad_(parts[0].requires_grad))
+    return tuple(merged)
+
+
+def _floats(received: tuple) -> list[torch.Tensor]:
+    return [t for t in received if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+class WholeBatchLoss:
+    """The last stage's loss computed once over the whole batch, for a loss that couples its samples.
+
+    The schedule runs every forward before any backward (``schedules.forwards_first``). Each micro-batch's forward
+    on the last stage only keeps what it received and returns a stand-in loss (``_DeferredGrad``). After the last
+    one, the stage runs over the received tensors concatenated (``merge_dims``), inside the user's step over the
+    whole batch; that loss's backward fills the stage's and the loss head's gradients and gives the received
+    tensors theirs, which the micro-batches' backwards hand back to the previous stage.
+    """
+
+    def __init__(self, step: Callable[[], Any], num_microbatches: int, dims: list[int | None]) -> None:
+        self.step = step  # the user's step over the whole batch
+        self.dims = dims
+        self.received: list[tuple | None] = [None] * num_microbatches
+        self.input_grads: list[tuple] = [()] * num_microbatches
+
+    def forward(self, runner: StageRunner, index: int, received: tuple) -> torch.Tensor:
+        self.received[index] = received
+        floats = _floats(received)
+        if not floats:
+            raise PipelineInputError("The last pipeline stage receives no tensor that carries a gradient, so a "
+                                     "whole-batch loss cannot reach the earlier stages; set "
+                                     "MerakStrategy(batch_loss='microbatch').")
+        stand_in = _DeferredGrad.apply(self, index, *floats)
+        if all(r is not None for r in self.received):
+            self._run(runner)
+        return stand_in
+
+    def _run(self, runner: StageRunner) -> None:
+        merged = merge_received(self.received, self.dims)
+        if runner.rng is not None:
+            runner.rng.start_batch(runner.batch_index)
+        output = runner.run_step(self.step, merged, 1.0)
+        runner.step_outputs.append((output, 1.0))
+        loss = loss_of(output)
+        (loss * runner.loss_scale).backward()
+        grads: list[list[torch.Tensor]] = [[] for _ in self.received]
+        for i, (dim, t) in enumerate(zip(self.dims, merged, strict=True)):
+            if not t.requires_grad:
+                continue
+            g = t.grad if t.grad is not None else torch.zeros_like(t)
+            if dim is None:  # one tensor for every micro-batch: its whole gradient once
+                pieces = [g] + [torch.zeros_like(g) for _ in self.received[1:]]
+            else:
+                pieces = list(g.split([r[i].shape[dim] for r in self.received], dim=dim))
+            for j, piece in enumerate(pieces):
+                grads[j].append(piece)
+        self.input_grads = [tuple(g) for g in grads]
+        self.received = [None] * len(self.received)
+
+
+def _generator_states(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+class LossProbe:
+    """The first step's test of whether the loss couples the batch (``batch_loss="auto"``), before that step
+    trains: on the last stage, the loss of the whole batch against the weighted mean of the micro-batch losses,
+    both in eval mode and without gradients (dropout would make them differ by chance), from the tensors a
+    forward-only pass of every micro-batch delivered (``keep``)."""
+
+    TOLERANCE = 1e-5  # relative: float rounding of one batched pass against several is ~1e-7
+
+    def __init__(self, whole_step: Callable[[], Any], num_microbatches: int, dims: list[int | None] | None) -> None:
+        """``dims``: ``merge_dims`` of the received tensors, None where they do not concatenate."""
+        self.whole_step = whole_step
+        self.dims = dims
+        self.received: list[tuple | None] = [None] * num_microbatches
+        self.whole_loss: float | None = None
+        self.micro_loss: float | None = None
+        self.draws = False  # the step itself draws random numbers: the losses differ by chance, no verdict
+
+    @property
+    def couples(self) -> bool:
+        if self.whole_loss is None or self.micro_loss is None or self.draws:
+            return False
+        scale = max(abs(self.whole_loss), abs(self.micro_loss), 1e-12)
+        return abs(self.whole_loss - self.micro_loss) > self.TOLERANCE * scale
+
+    def compare(self, runner: StageRunner) -> None:
+        if self.dims is None:  # the received tensors do not concatenate: nothing to compare
+            return
+        lm = runner._lightning_module
+        modes = {m: m.training for m in lm.modules()}
+        lm.eval()
+        try:
+            with torch.no_grad(), quiet_run(lm):
+                if runner.rng is not None:
+                    runner.rng.start_batch(runner.batch_index)
+                merged = merge_received(self.received, self.dims)
+                before = _generator_states(merged[0].device)
+                self.whole_loss = float(loss_of(runner.run_step(self.whole_step, merged, None)))
+                self.draws = any(not torch.equal(a, b) for a, b in zip(before, _generator_states(merged[0].device),
+                                                                         strict=True))
+                total = 0.0
+                for j, (received, weight) in enumerate(zip(self.received, runner.weights, strict=True)):
+                    if runner.rng is not None:
+                        runner.rng.start(runner.batch_index, j, len(runner.weights))
+                    total += weight * float(loss_of(runner.run_step(runner.steps[j], received, None)))
+                self.micro_loss = total
+        finally:
+            for m, training in modes.items():
+                m.training = training
+            self.received = [None] * len(self.received)

@@ -52,6 +52,22 @@ def variable_length_collate(batch: list[dict]) -> dict:
     return {"input_ids": ids[:, :length], "labels": ids[:, :length]}
 
 
+def padded_labels_collate(batch: list[dict]) -> dict:
+    """Each sample has its own length; labels are -100 past it, so HF's loss is a mean over a count of real tokens
+    that varies from micro-batch to micro-batch (a loss that couples the batch)."""
+    ids = torch.stack([b["input_ids"] for b in batch])
+    lengths = 2 + ids[:, 0] % (ids.shape[1] - 2)
+    labels = ids.masked_fill(torch.arange(ids.shape[1]) >= lengths[:, None], -100)
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate_for(variable_length: bool | str):
+    """``variable_length``: False (fixed shapes), True (batch-dependent length) or "padded" (padded labels)."""
+    if variable_length == "padded":
+        return padded_labels_collate
+    return variable_length_collate if variable_length else None
+
+
 def build_hf(name: str, dropout: float = 0.0) -> nn.Module:
     import transformers as tf
 
@@ -91,7 +107,8 @@ def build_hf(name: str, dropout: float = 0.0) -> nn.Module:
 
 
 KIND = {"gpt2": "causal", "gpt2_tied": "causal", "llama": "causal", "bert": "seqcls", "vit": "vit",
-        "resnet": "resnet", "bart": "seq2seq", "sequential": "plain", "custom_loss": "plain", "denoiser": "plain"}
+        "resnet": "resnet", "bart": "seq2seq", "sequential": "plain", "custom_loss": "plain", "denoiser": "plain",
+        "contrastive": "plain"}
 
 
 class _Base(pl.LightningModule):
@@ -102,7 +119,7 @@ class _Base(pl.LightningModule):
 
     def _loader(self, seed: int, shuffle: bool) -> DataLoader:
         kind = KIND[self.hparams.name]
-        collate = variable_length_collate if self.hparams.variable_length else None
+        collate = collate_for(self.hparams.variable_length)
         return DataLoader(DictData(kind, self.hparams.n, seed=seed), batch_size=self.hparams.batch_size,
                           shuffle=shuffle, collate_fn=collate)
 
@@ -211,10 +228,32 @@ class DenoiserModule(SequentialModule):
         return loss
 
 
+class ContrastiveModule(SequentialModule):
+    """In-batch negatives: every sample's embedding against every target's in the batch (a loss that couples the
+    batch), with a projection head outside the pipelined ``net``."""
+
+    def __init__(self, name: str = "contrastive", lr: float = 0.1, batch_size: int = 8, n: int = 32,
+                 variable_length: bool = False) -> None:
+        super().__init__(name, lr, batch_size, n, variable_length)
+        self.proj = nn.Linear(4, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        za = nn.functional.normalize(self(x), dim=-1)
+        zb = nn.functional.normalize(self.proj(y), dim=-1)
+        logits = za @ zb.T / 0.1
+        loss = nn.functional.cross_entropy(logits, torch.arange(len(x), device=x.device))
+        self.log("train_loss", loss)
+        self.step_losses.append(float(loss.detach()))
+        return loss
+
+
 def make_module(name: str, **kwargs) -> pl.LightningModule:
     pl.seed_everything(0, workers=False)
     if name == "denoiser":
         return DenoiserModule(name, **kwargs)
+    if name == "contrastive":
+        return ContrastiveModule(name, **kwargs)
     if name == "sequential":
         return SequentialModule(name, **kwargs)
     if name == "custom_loss":

@@ -11,7 +11,7 @@ import torch
 
 from tests.helpers.launch import REPO, check_script
 from tests.helpers.models import reference_loader
-from tests.helpers.pipeline_models import KIND, DictData, make_module, variable_length_collate
+from tests.helpers.pipeline_models import KIND, DictData, collate_for, make_module
 
 ATOL = 1e-5
 
@@ -35,7 +35,7 @@ def run_reference(model: str, steps: int = 3, dp: int = 1, module: dict | None =
     module_kwargs = dict(module or {})
     ref = make_module(model, **module_kwargs)
     batch = ref.hparams.batch_size * dp // accumulate
-    collate = variable_length_collate if ref.hparams.variable_length else None
+    collate = collate_for(ref.hparams.variable_length)
 
     def loader():
         data = DictData(KIND[model], ref.hparams.n, seed=0)

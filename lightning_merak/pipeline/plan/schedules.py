@@ -300,6 +300,23 @@ def without_pre_checkpoints(schedule: Schedule) -> Schedule:
     return replace(schedule, actions=plain)
 
 
+def forwards_first(schedule: Schedule) -> Schedule:
+    """The same schedule with every forward before any backward on each rank (GPipe's order), for a loss that
+    couples the batch: the last stage computes it once, after its last forward, over every micro-batch.
+
+    Each rank keeps the relative order of its forwards and of its backwards, so dependencies still hold. The last
+    stage's backwards are whole (``I``/``W`` become one ``B``): its gradients were computed with the batch loss.
+    """
+    last = schedule.num_stages - 1
+    per_rank = []
+    for actions in schedule.actions:
+        forwards = [a for a in actions if a.kind == "F"]
+        backwards = [replace(a, kind="B") if a.stage == last and a.kind == "I" else a for a in actions
+                     if a.kind != "F" and not (a.stage == last and a.kind == "W")]
+        per_rank.append(tuple(forwards + backwards))
+    return replace(schedule, name=f"{schedule.name} (forwards first)", actions=tuple(per_rank))
+
+
 def make_schedule(name: str, num_ranks: int, num_microbatches: int) -> Schedule:
     """Build the named schedule for ``num_ranks`` pipeline ranks; two-stage-per-rank schedules get 2p stages."""
     return spec(name).build(num_ranks, num_microbatches)
