@@ -198,6 +198,16 @@ def buffer_slots(module: torch.nn.Module) -> dict:
     return module._buffers
 
 
+def tensor_parallel_mesh(module: torch.nn.Module) -> object | None:
+    """The device mesh of a module whose output torch's tensor-parallel styles convert (a forward hook from
+    ``torch.distributed.tensor``, which expects a DTensor output), or None."""
+    hooked = any(getattr(h, "__module__", "").startswith("torch.distributed.tensor")
+                 for h in module._forward_hooks.values())
+    if not hooked:
+        return None
+    return next((p.device_mesh for p in module.parameters(recurse=False) if hasattr(p, "device_mesh")), None)
+
+
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (tensor parallel), or the tensor itself."""
     from torch.distributed.tensor import DTensor

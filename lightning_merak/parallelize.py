@@ -150,7 +150,7 @@ def example_inputs(lightning_module: Any, pipelined: nn.Module, batch: Any, step
     micro = batch
     if step_name == "training_step" and num_microbatches > 1:
         micro = split_batch(batch, num_microbatches)[0]
-    return capture_model_call(getattr(lightning_module, step_name), pipelined, lightning_module, micro, 0)
+    return capture_model_call(getattr(lightning_module, step_name), pipelined, lightning_module, micro, 0, quiet=True)
 
 
 def warn_batch_coupled(pipelined: nn.Module, pp: int, num_microbatches: int) -> None:

@@ -250,9 +250,9 @@ class PipelineEngine:
         lm, m = self.lightning_module, self.num_microbatches
         only_last = self.holds_last and len(self.runners) == 1  # needs only the first micro-batch's shapes
 
-        def per_micro(loud: bool) -> list[tuple[tuple, dict]]:
+        def per_micro(loud: bool, first_only: bool = only_last) -> list[tuple[tuple, dict]]:
             calls = []
-            for j, mb in enumerate(micro[:1] if only_last else micro):
+            for j, mb in enumerate(micro[:1] if first_only else micro):
                 if self.rng is not None:  # the user's step before the model call draws as it does in the runner
                     self.rng.start(rng_batch, j, m)
                 calls.append(capture_model_call(step, self.pipelined, lm, mb, batch_idx, *args, quiet=not loud))
@@ -265,7 +265,7 @@ class PipelineEngine:
         whole_call = capture_model_call(step, self.pipelined, lm, batch, batch_idx, *args,
                                         quiet=self.holds_last or quiet)
         if self._split_whole_capture is None:
-            self._split_whole_capture = _splits_like(whole_call, per_micro(loud=False)[0], m)
+            self._split_whole_capture = _splits_like(whole_call, per_micro(loud=False, first_only=True)[0], m)
         if self._split_whole_capture:
             return split_batch(whole_call, m), whole_call
         return per_micro(loud=False), whole_call

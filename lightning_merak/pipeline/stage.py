@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_merak._compat import strip_module_state, tree_flatten, tree_map
+from lightning_merak._compat import strip_module_state, tensor_parallel_mesh, tree_flatten, tree_map
 from lightning_merak.intercept import wrap_forward
 from lightning_merak.partition.plan import PartitionPlan, first_read_after
 from lightning_merak.trace import Capture, capture, meta_twin, shape_signature
@@ -129,10 +129,18 @@ class StageModule(nn.Module):
             send = [torch.empty((), device="meta")]
         return tuple(recv), tuple(send)
 
-    def _stub_output(self, *args: Any, **kwargs: Any) -> Any:
+    def _stub_output(self, mesh: Any = None) -> Any:
+        """Zeros shaped as the block's output in the proxy capture. ``mesh``: the block is tensor-parallel, so
+        torch's output hook expects a DTensor; replicated zeros convert to any layout without communication."""
         state = self._state
         call = state["cap"].calls[state["call"]]
-        return _zeros_like_meta(call.output, self.device)
+        out = _zeros_like_meta(call.output, self.device)
+        if mesh is None:
+            return out
+        from torch.distributed.tensor import DTensor, Replicate
+
+        return tree_map(lambda t: DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+                        if isinstance(t, torch.Tensor) else t, out)
 
     def _pre_hook(self, unit: int):
         def hook(mod, args, kwargs):
@@ -211,7 +219,7 @@ class _Units:
             self._dispatched.append((sub, u, stateful))
         self.install()
 
-    def _dispatch(self, unit: int, stateful: bool):
+    def _dispatch(self, sub: nn.Module, unit: int, stateful: bool):
         def wrapper(inner):
             def forward(*args: Any, **kwargs: Any) -> Any:
                 stage = self.running
@@ -219,14 +227,14 @@ class _Units:
                     if unit in self.checkpointed:
                         return checkpoint(inner, *args, use_reentrant=False, **kwargs)
                     return inner(*args, **kwargs)
-                return stage._stub_output()
+                return stage._stub_output(tensor_parallel_mesh(sub))
             return forward
         return wrapper
 
     def install(self) -> None:
         """Dispatch every block (``intercept`` layer "stage") and hook every stage; again after ``remove``."""
         if not self._wraps:
-            self._wraps = [wrap_forward(sub, "stage", self._dispatch(u, stateful))
+            self._wraps = [wrap_forward(sub, "stage", self._dispatch(sub, u, stateful))
                            for sub, u, stateful in self._dispatched]
         for stage in self.stages:
             stage.install_hooks()

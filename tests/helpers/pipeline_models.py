@@ -108,7 +108,7 @@ def build_hf(name: str, dropout: float = 0.0) -> nn.Module:
 
 KIND = {"gpt2": "causal", "gpt2_tied": "causal", "llama": "causal", "bert": "seqcls", "vit": "vit",
         "resnet": "resnet", "bart": "seq2seq", "sequential": "plain", "custom_loss": "plain", "denoiser": "plain",
-        "contrastive": "plain"}
+        "contrastive": "plain", "counting": "plain"}
 
 
 class _Base(pl.LightningModule):
@@ -248,12 +248,33 @@ class ContrastiveModule(SequentialModule):
         return loss
 
 
+class CountingModule(SequentialModule):
+    """Effects around the model call: a counter and a print before it, a counter after it, a log."""
+
+    def __init__(self, name: str = "counting", lr: float = 0.1, batch_size: int = 8, n: int = 32,
+                 variable_length: bool = False) -> None:
+        super().__init__(name, lr, batch_size, n, variable_length)
+        self.calls = self.after = 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.calls += 1
+        print(f"STEP-PRINT {batch_idx}", flush=True)
+        loss = nn.functional.mse_loss(self(x), y)
+        self.after += 1
+        self.log("train_loss", loss)
+        self.step_losses.append(float(loss.detach()))
+        return loss
+
+
 def make_module(name: str, **kwargs) -> pl.LightningModule:
     pl.seed_everything(0, workers=False)
     if name == "denoiser":
         return DenoiserModule(name, **kwargs)
     if name == "contrastive":
         return ContrastiveModule(name, **kwargs)
+    if name == "counting":
+        return CountingModule(name, **kwargs)
     if name == "sequential":
         return SequentialModule(name, **kwargs)
     if name == "custom_loss":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.pipeline.test_pipeline_training import run_merak, run_reference
 
@@ -17,9 +18,13 @@ def test_noise_drawn_in_the_step_is_the_same_on_every_stage_and_the_denoiser_lea
     m = 4
     ranks = run_merak(tmp_path, "denoiser", pp, {"pipeline_parallel_size": pp, "pipeline_schedule": "1f1b",
                                                  "recompute": "none", "num_microbatches": m}, steps=STEPS)
-    first, last = ranks[0]["noise_sums"][1:], ranks[pp - 1]["noise_sums"][1:]  # [0]: the setup's capture
-    assert len(first) == STEPS * m  # the first stage runs the step up to the model call once per micro-batch
-    assert len(last) == STEPS * (m + 1)  # the last: one capture for the shapes, then the step as the loss
+    # before them: the setup's capture, and the first step's test of whether the loss couples the batch (whose
+    # verdict here is "the step draws random numbers itself": one loss per micro-batch)
+    first, last = ranks[0]["noise_sums"][-STEPS * m:], ranks[pp - 1]["noise_sums"][-STEPS * (m + 1):]
+    # the first stage runs the step up to the model call once per micro-batch; the last: one capture for the
+    # shapes, then the step as the loss
+    assert len(ranks[0]["noise_sums"]) == 1 + (1 + 1) + STEPS * m  # setup, probe (whole, first micro-batch), steps
+    assert "training_step draws random numbers itself" in (tmp_path / "output.txt").read_text()
     for step in range(STEPS):
         captured = first[step * m:(step + 1) * m]
         as_loss = last[step * (m + 1) + 1:(step + 1) * (m + 1)]
@@ -43,3 +48,20 @@ def test_manual_optimization_under_a_pipeline_is_refused_before_any_work():
     with pytest.raises(MerakConfigError, match="manual optimization .* pipeline_parallel_size > 1"):
         check_step_supported(Manual(), pp=2)
     check_step_supported(Manual(), pp=1)  # fine without a pipeline
+
+
+@pytest.mark.multiprocess
+def test_effects_of_the_step_happen_once_per_micro_batch(tmp_path):
+    """A counter on ``self`` and a print before the model call, a counter after it, ``self.log``: each happens once
+    per micro-batch on each rank, as the user wrote it. The captures of the model's inputs on the rank with the
+    last stage, the setup's capture and the first step's probe of the loss are quiet (attributes put back, prints
+    silenced, logs ignored)."""
+    m, steps = 4, 3
+    ranks = run_merak(tmp_path, "counting", 2, {"pipeline_parallel_size": 2, "num_microbatches": m}, steps=steps)
+    first, last = ranks[0]["counters"], ranks[1]["counters"]
+    assert first == {"calls": m * steps, "after": 0}  # the first stage's part of the step ends at the model call
+    assert last == {"calls": m * steps, "after": m * steps}
+    printed = (tmp_path / "output.txt").read_text().count("STEP-PRINT")
+    assert printed == 2 * m * steps  # once per micro-batch on each of the two ranks
+    ref = run_reference("counting", steps=steps)
+    torch.testing.assert_close(torch.tensor(ranks[1]["losses"]), torch.tensor(ref["losses"]), atol=1e-5, rtol=0)

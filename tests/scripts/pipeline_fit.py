@@ -61,7 +61,8 @@ if __name__ == "__main__":
               "local_param_bytes": sum(p.numel() * p.element_size() for p in local),
               "local_param_names": sorted(n for n, _ in module.named_parameters()),
               "meta_tensors": sum(t.is_meta for t in [*module.parameters(), *module.buffers()]),
-              "noise_sums": getattr(module, "noise_sums", None)}
+              "noise_sums": getattr(module, "noise_sums", None),
+              "counters": {k: getattr(module, k, None) for k in ("calls", "after")}}
     for cb in extra:
         if isinstance(cb, pl_callbacks.EarlyStopping):
             result["stopped_epoch"] = cb.stopped_epoch
