@@ -38,7 +38,6 @@ from lightning_merak.pipeline.takeover import (
     redirect_forward,
     split_batch,
 )
-from lightning_merak.trace import shape_signature
 from lightning_merak.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -209,12 +208,13 @@ class PipelineEngine:
         inputs, whole_call = self._capture_inputs(step, batch, micro, batch_idx, args, ctx.rng_batch, whole)
         self._prepare_runners(ctx.rng_batch, inputs, [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro])
         self.last_runner.loss_scale = ctx.loss_scale
+        metas = [self._boundary(runner, inputs) for runner in self.runners]
         if self.holds_last and whole:
-            dims = merge_dims(*self._last_stage_metas(inputs[0], whole_call), self.num_microbatches)
+            dims = merge_dims(self._last_stage_metas(inputs, whole_call))
             self.last_runner.whole = WholeBatchLoss(lambda: step(batch, batch_idx, *args), self.num_microbatches,
                                                     dims)
-        metas = [m.boundary_metas(*inputs[0]) for m in self.stage_modules]
-        schedule = self._schedule_for(shape_signature(*inputs[0]), metas, whole)
+        signature = tuple((tuple(t.shape), t.dtype) for recv, send in metas for t in (*recv, *send))
+        schedule = self._schedule_for(signature, metas, whole)
         index = torch.arange(self.num_microbatches)
         if self.holds_last:
             schedule.step(mb=index, target=index, losses=[], return_outputs=False)
@@ -233,10 +233,21 @@ class PipelineEngine:
             runner.rng, runner.batch_index = self.rng, rng_batch
         self.last_runner.steps, self.last_runner.step_outputs, self.last_runner.whole = steps, [], None
 
-    def _last_stage_metas(self, micro_call: tuple, whole_call: tuple) -> tuple[tuple, tuple]:
-        """Shapes of what the last stage receives for one micro-batch and for the whole batch."""
+    def _last_stage_metas(self, inputs: list, whole_call: tuple) -> tuple[list[tuple], tuple]:
+        """Shapes of what the last stage receives for each micro-batch and for the whole batch."""
         stage = self.last_runner.stage
-        return stage.boundary_metas(*micro_call)[0], stage.boundary_metas(*whole_call)[0]
+        return [stage.boundary_metas(*c)[0] for c in inputs], stage.boundary_metas(*whole_call)[0]
+
+    def _boundary(self, runner: StageRunner, inputs: list) -> tuple[tuple, tuple]:
+        """The shapes of the stage's receive and send buffers for this step: per tensor the widest over the
+        micro-batches. Where the micro-batches differ (graphs of different node counts), the runner pads what it
+        sends to these shapes and cuts what it receives to its micro-batch's own (``StageRunner.shapes``)."""
+        per = [runner.stage.boundary_metas(*c) for c in inputs]
+        widest = tuple(_widest([p[k] for p in per], k, runner.stage.stage_index) for k in (0, 1))
+        varies = any(tuple(t.shape) != tuple(w.shape) for p in per for k in (0, 1) for t, w in zip(p[k], widest[k],
+                                                                                                   strict=True))
+        runner.shapes = [tuple(tuple(tuple(t.shape) for t in p[k]) for k in (0, 1)) for p in per] if varies else None
+        return widest
 
     def _capture_inputs(self, step: Any, batch: Any, micro: list[Any], batch_idx: int, args: tuple,
                         rng_batch: int, whole: bool, quiet: bool = False
@@ -248,9 +259,7 @@ class PipelineEngine:
         Only the captures whose effects count are loud (``takeover.quiet_run``): on a rank with the last stage, its
         own run of the step is the one; ``quiet``: none of them count (the probe of ``batch_loss="auto"``)."""
         lm, m = self.lightning_module, self.num_microbatches
-        only_last = self.holds_last and len(self.runners) == 1  # needs only the first micro-batch's shapes
-
-        def per_micro(loud: bool, first_only: bool = only_last) -> list[tuple[tuple, dict]]:
+        def per_micro(loud: bool, first_only: bool = False) -> list[tuple[tuple, dict]]:
             calls = []
             for j, mb in enumerate(micro[:1] if first_only else micro):
                 if self.rng is not None:  # the user's step before the model call draws as it does in the runner
@@ -284,7 +293,7 @@ class PipelineEngine:
         """``batch_loss="auto"``, before the first step trains: a forward-only pass of every micro-batch (eval mode,
         no gradients, quiet runs of the step, generators left as they were), then on the last stage the loss of
         the whole batch against the mean of the micro-batch losses (``LossProbe``); settles ``whole_batch``."""
-        lm, m = self.lightning_module, self.num_microbatches
+        lm = self.lightning_module
         modes = {mod: mod.training for mod in lm.modules()}
         devices = [self.device] if self.device.type == "cuda" else []
         lm.eval()
@@ -292,7 +301,7 @@ class PipelineEngine:
             with torch.random.fork_rng(devices=devices):
                 inputs, whole_call = self._capture_inputs(step, batch, micro, batch_idx, args, rng_batch,
                                                           whole=True, quiet=True)
-                received = [self._forward_only(*inputs[min(j, len(inputs) - 1)]) for j in range(m)]
+                received = [self._forward_only(*call) for call in inputs]
                 verdict = None
                 if self.holds_last:
                     verdict = self._probe_verdict(step, batch, micro, batch_idx, args, rng_batch, inputs,
@@ -307,7 +316,7 @@ class PipelineEngine:
     def _probe_verdict(self, step: Any, batch: Any, micro: list[Any], batch_idx: int, args: tuple, rng_batch: int,
                        inputs: list, whole_call: tuple, received: list) -> tuple:
         try:
-            dims, unmergeable = merge_dims(*self._last_stage_metas(inputs[0], whole_call), self.num_microbatches), None
+            dims, unmergeable = merge_dims(self._last_stage_metas(inputs, whole_call)), None
         except PipelineInputError as err:
             dims, unmergeable = None, str(err)
         self._prepare_runners(rng_batch, inputs, [lambda mb=mb: step(mb, batch_idx, *args) for mb in micro])
@@ -545,6 +554,21 @@ def _splits_like(call: tuple, first_micro: tuple, num_microbatches: int) -> bool
         return False
     return all(type(x) is type(y) and (not isinstance(x, torch.Tensor) or x.shape == y.shape)
                for x, y in zip(a, b, strict=True))
+
+
+def _widest(metas: list[tuple], kind: int, stage: int) -> tuple:
+    """Per boundary tensor, the largest size of each dimension over the micro-batches (shape metas)."""
+    widest = []
+    for i, versions in enumerate(zip(*metas, strict=True)):
+        if len({t.dim() for t in versions}) > 1 or len({t.dtype for t in versions}) > 1:
+            raise PipelineInputError(
+                f"Pipeline stage {stage} would {'receive' if kind == 0 else 'send'} tensor {i} with "
+                f"{sorted({(t.dim(), str(t.dtype)) for t in versions})} (dimensions, dtype) in different micro-batches: "
+                "the micro-batches of one step must agree on them. Set MerakStrategy(num_microbatches=1) to "
+                "pipeline the whole batch at once.")
+        shape = [max(sizes) for sizes in zip(*(t.shape for t in versions), strict=True)]
+        widest.append(torch.empty(shape, dtype=versions[0].dtype, device="meta"))
+    return tuple(widest)
 
 
 def _example(t: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@
   torch_geometric ``Batch`` of many graphs is registered: it splits by graph, with PyG's own ``index_select``
   and ``Batch.from_data_list``; a single graph (``Data``, or a ``Batch`` of one) is one sample.
 
-Parts must be equal: a pipeline step sends tensors of one shape per micro-batch.
+Parts hold equal numbers of samples. Their tensors may still differ in size (graphs of different node counts):
+the stages then exchange buffers of the widest micro-batch's shapes, padded and cut (``takeover.StageRunner``).
 """
 
 from __future__ import annotations

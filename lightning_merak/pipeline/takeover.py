@@ -191,6 +191,8 @@ class StageRunner(nn.Module):
         self.recorder = LogRecorder()
         self.step_outputs: list[tuple[Any, float]] = []  # (what the user's step returned, its weight in the loss)
         self.whole: WholeBatchLoss | None = None  # this step computes the loss over the whole batch
+        # per micro-batch (received shapes, sent shapes) where they differ within the step, else None
+        self.shapes: list[tuple[tuple, tuple]] | None = None
         self.rng: Any = None  # the step's RNG streams (``rng.StepStreams`` or ``rng.MicrobatchRNG``), or None
         self.batch_index = 0
         self._params: list[nn.Parameter] | None = None
@@ -211,29 +213,18 @@ class StageRunner(nn.Module):
         with self.delta.forward():
             return self._forward(*received, mb=mb)
 
-    def _check_boundary_shapes(self, index: int) -> None:
-        """The next stage receives into buffers shaped by micro-batch 0: say so before sending another shape."""
-        _, first = self.stage.boundary_metas(*self.inputs[0])
-        _, this = self.stage.boundary_metas(*self.inputs[index])
-        for a, b in zip(first, this, strict=True):
-            if a.shape != b.shape:
-                raise PipelineInputError(
-                    f"Micro-batch {index} would send the next pipeline stage a tensor of shape {tuple(b.shape)}, "
-                    f"micro-batch 0 one of shape {tuple(a.shape)}: the micro-batches of one step must send tensors "
-                    "of one shape. Batches of graphs split by graph need equal node counts per micro-batch. Set "
-                    "MerakStrategy(num_microbatches=1) to pipeline the whole batch at once, or train without a "
-                    "pipeline (data parallelism and DELTA split nothing)."
-                )
-
     def _forward(self, *received: torch.Tensor, mb: torch.Tensor) -> Any:
         index = int(mb.reshape(-1)[0])
         if self.rng is not None:
             self.rng.start(self.batch_index, index, len(self.weights))
+        if self.shapes is not None:  # buffers are the widest over the micro-batches: this one's own part
+            received = tuple(_cut(t, shape) for t, shape in zip(received, self.shapes[index][0], strict=True))
         if not self.is_last:
             args, kwargs = self.inputs[index]
-            if index:
-                self._check_boundary_shapes(index)
-            return self.stage(*received, model_args=args, model_kwargs=kwargs)
+            sent = self.stage(*received, model_args=args, model_kwargs=kwargs)
+            if self.shapes is not None:
+                sent = tuple(_pad(t, shape) for t, shape in zip(sent, self.widest_sends(), strict=True))
+            return sent
         if self.whole is not None:
             return self.whole.forward(self, index, received)
         output = self.run_step(self.steps[index], received, self.weights[index])
@@ -242,6 +233,10 @@ class StageRunner(nn.Module):
         if not isinstance(loss, torch.Tensor):
             return torch.zeros(())  # forward-only use: the step's output is kept in step_outputs
         return loss * (self.weights[index] * self.loss_scale)
+
+    def widest_sends(self) -> list[tuple[int, ...]]:
+        return [tuple(max(sizes) for sizes in zip(*shapes, strict=True))
+                for shapes in zip(*(own[1] for own in self.shapes), strict=True)]
 
     def run_step(self, step: Callable[[], Any], received: tuple, weight: float | None) -> Any:
         """The user's step with the pipelined module's forward running this (last) stage on ``received``; what it
@@ -275,24 +270,44 @@ class _DeferredGrad(torch.autograd.Function):
         return (None, None, *(g * grad for g in ctx.whole.input_grads[ctx.index]))
 
 
-def merge_dims(per_micro: tuple, whole: tuple, num_microbatches: int) -> list[int | None]:
+def _cut(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """This micro-batch's part of a receive buffer sized for the widest one (a view: its gradient lands there)."""
+    return t if tuple(t.shape) == tuple(shape) else t[tuple(slice(0, n) for n in shape)]
+
+
+def _pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``t`` at the start of zeros of ``shape``: what the widest receive buffer of the next stage expects."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def merge_dims(metas: tuple[list[tuple], tuple]) -> list[int | None]:
     """For each tensor the last stage receives: the dimension along which the micro-batches' copies concatenate
-    into the whole batch's (shape metas of one micro-batch and of the batch), or None for a tensor the batch does
-    not size (a position bias: every micro-batch receives the same). ``PipelineInputError`` where neither holds."""
+    into the whole batch's, from shape metas (per micro-batch, and of the batch); None for a tensor the batch
+    does not size (a position bias: every micro-batch receives the same). ``PipelineInputError`` where neither
+    holds."""
+    per_micro, whole = metas
     dims: list[int | None] = []
-    for i, (a, b) in enumerate(zip(per_micro, whole, strict=True)):
-        if tuple(a.shape) == tuple(b.shape):
+    for i, b in enumerate(whole):
+        parts = [m[i] for m in per_micro]
+        if all(tuple(a.shape) == tuple(b.shape) for a in parts):
             dims.append(None)
             continue
-        differ = [d for d, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y]
-        if a.dim() != b.dim() or len(differ) != 1 or b.shape[differ[0]] != num_microbatches * a.shape[differ[0]]:
+        differ = {d for a in parts if a.dim() == b.dim()
+                  for d, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y}
+        dim = next(iter(differ)) if len(differ) == 1 else None
+        if dim is None or any(a.dim() != b.dim() for a in parts) or \
+                sum(a.shape[dim] for a in parts) != b.shape[dim]:
             raise PipelineInputError(
-                f"The last pipeline stage receives tensor {i} of shape {tuple(a.shape)} per micro-batch and "
-                f"{tuple(b.shape)} for the whole batch: it cannot be concatenated from the micro-batches, so the "
-                "loss cannot be computed once over the whole batch. Set MerakStrategy(batch_loss='microbatch') "
-                "(one loss per micro-batch, averaged) or num_microbatches=1."
+                f"The last pipeline stage receives tensor {i} of shapes {[tuple(a.shape) for a in parts]} per "
+                f"micro-batch and {tuple(b.shape)} for the whole batch: it cannot be concatenated from the "
+                "micro-batches, so the loss cannot be computed once over the whole batch. Set "
+                "MerakStrategy(batch_loss='microbatch') (one loss per micro-batch, averaged) or num_microbatches=1."
             )
-        dims.append(differ[0])
+        dims.append(dim)
     return dims
 
 

@@ -3,8 +3,8 @@
 - DELTA without a pipeline on a torch_geometric full graph: nothing is split, the losses and weights are
   bitwise the unmanaged run's and the ledger shows released bytes.
 - pp=2 with one micro-batch runs a full graph whole; pp=2 with 4 micro-batches splits a batch of molecules by
-  graph: both equal one process within 1e-5 (the GIN loss is a mean over graphs, 2 graphs per micro-batch:
-  exact). A full graph with 4 micro-batches fails at setup saying what to set.
+  graph, also of different atom counts, with a loss over graphs or over atoms (whole-batch loss): all equal
+  one process within 1e-5. A full graph with 4 micro-batches fails at setup saying what to set.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def run_graph(tmp_path, devices: int, runs: list[dict]) -> dict:
     return results
 
 
-def run_reference(model: str, steps: int = 3) -> dict:
+def run_reference(model: str, steps: int = 3, module: dict | None = None) -> dict:
     """One process, same seed and batches: Lightning shuffles the training sampler of a distributed run."""
-    module = make_module(model)
+    module = make_module(model, **(module or {}))
     data = module.train_dataloader()
     sampler = DistributedSampler(data.dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
     module.train_dataloader = lambda: DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler)
@@ -91,11 +91,20 @@ def test_graph_pipelines_equal_one_process(tmp_path):
         {"name": "full_graph", "model": "rgcn", "strategy": {**full_graph, "pipeline_schedule": "auto"}},
         {"name": "molecules", "model": "gin", "strategy": {**full_graph, "num_microbatches": 4,
                                                            "pipeline_schedule": "1f1b"}},
+        # 4 to 8 atoms per molecule: the micro-batches' node counts differ (padded buffers between the stages)
+        {"name": "uneven", "model": "gin", "module": {"uneven": True},
+         "strategy": {**full_graph, "num_microbatches": 4, "pipeline_schedule": "1f1b"}},
+        # and a mean over atoms: the loss couples the batch, computed once over it by the last stage
+        {"name": "uneven_per_node", "model": "gin", "module": {"uneven": True, "per_node": True},
+         "strategy": {**full_graph, "num_microbatches": 4, "pipeline_schedule": "1f1b"}},
         {"name": "full_graph_split", "model": "rgcn", "expect_error": True,
          "strategy": {**full_graph, "num_microbatches": 4, "pipeline_schedule": "1f1b"}},
     ])
     assert_matches(results["full_graph"], run_reference("rgcn"))
     assert_matches(results["molecules"], run_reference("gin"))
+    assert_matches(results["uneven"], run_reference("gin", module={"uneven": True}))
+    assert_matches(results["uneven_per_node"], run_reference("gin", module={"uneven": True, "per_node": True}))
+    assert "the loss couples the batch" in (tmp_path / "output.txt").read_text()
     error = results["full_graph_split"]
     assert "PipelineInputError: A batch of 1 graph cannot be split into 4 micro-batches" in error
     assert "num_microbatches=1" in error and "NeighborLoader" in error and "DataLoader" in error

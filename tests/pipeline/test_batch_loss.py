@@ -70,12 +70,14 @@ def test_forwards_first_keeps_every_schedule_valid_and_the_last_stage_whole():
 
 def test_merge_dims_finds_the_batch_dimension_or_says_why_not():
     meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
-    assert merge_dims((meta(2, 8, 32), meta(1, 2, 8, 8), meta(16, 2)), (meta(8, 8, 32), meta(1, 2, 8, 8),
-                                                                       meta(16, 8)), 4) == [0, None, 1]
+    micro = [(meta(2, 8, 32), meta(1, 2, 8, 8), meta(16, 2))] * 4
+    assert merge_dims((micro, (meta(8, 8, 32), meta(1, 2, 8, 8), meta(16, 8)))) == [0, None, 1]
+    uneven = [(meta(n, 32),) for n in (9, 12, 10, 13)]  # graphs: node counts differ per micro-batch
+    assert merge_dims((uneven, (meta(44, 32),))) == [0]
     with pytest.raises(PipelineInputError, match=r"batch_loss='microbatch'"):
-        merge_dims((meta(2, 8),), (meta(8, 9),), 4)
+        merge_dims(([(meta(2, 8),)] * 4, (meta(8, 9),)))
     with pytest.raises(PipelineInputError, match="cannot be concatenated"):
-        merge_dims((meta(2, 8),), (meta(6, 8),), 4)
+        merge_dims(([(meta(2, 8),)] * 4, (meta(6, 8),)))
 
 
 def test_the_probe_tells_rounding_from_coupling():

@@ -20,14 +20,14 @@ def test_noise_drawn_in_the_step_is_the_same_on_every_stage_and_the_denoiser_lea
                                                  "recompute": "none", "num_microbatches": m}, steps=STEPS)
     # before them: the setup's capture, and the first step's test of whether the loss couples the batch (whose
     # verdict here is "the step draws random numbers itself": one loss per micro-batch)
-    first, last = ranks[0]["noise_sums"][-STEPS * m:], ranks[pp - 1]["noise_sums"][-STEPS * (m + 1):]
-    # the first stage runs the step up to the model call once per micro-batch; the last: one capture for the
-    # shapes, then the step as the loss
+    first, last = ranks[0]["noise_sums"][-STEPS * m:], ranks[pp - 1]["noise_sums"][-STEPS * 2 * m:]
+    # the first stage runs the step up to the model call once per micro-batch; the last: a (quiet) capture per
+    # micro-batch for the shapes, then the step as the loss
     assert len(ranks[0]["noise_sums"]) == 1 + (1 + 1) + STEPS * m  # setup, probe (whole, first micro-batch), steps
     assert "training_step draws random numbers itself" in (tmp_path / "output.txt").read_text()
     for step in range(STEPS):
         captured = first[step * m:(step + 1) * m]
-        as_loss = last[step * (m + 1) + 1:(step + 1) * (m + 1)]
+        as_loss = last[step * 2 * m + m:(step + 1) * 2 * m]
         assert captured == as_loss, (step, captured, as_loss)
     ref = run_reference("denoiser", steps=STEPS)["losses"]
     tail, ref_tail = sum(ranks[0]["losses"][-10:]) / 10, sum(ref[-10:]) / 10
