@@ -432,14 +432,14 @@ class MerakStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         ckpt.save_sharded(path, checkpoint, self.lightning_module, self.optimizers, self.is_global_zero,
                           stage=topology.local_rank(self._device_mesh, "pp"),
-                          stage_of=self._engine.stage_of_parameters())
+                          stage_of=self._engine.stage_of_parameters(), tied=self._engine.tied_names())
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """``weights_only=False`` (Lightning's argument) trusts the checkpoint; otherwise it loads as data only."""
         path = ckpt.local_path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
         return ckpt.load(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading,
-                         weights_only=weights_only)
+                         weights_only=weights_only, tied=self._engine.tied_names())
 
     def remove_checkpoint(self, filepath: Any) -> None:
         path = ckpt.local_path(filepath)

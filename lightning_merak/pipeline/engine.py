@@ -90,6 +90,9 @@ class LocalEngine:
     def tied_copies(self) -> set[int]:
         return set()
 
+    def tied_names(self) -> dict[str, str]:
+        return {}  # one module: a tied weight is one parameter under its one-process name
+
     def attach(self) -> None:
         """Install DELTA and the RNG streams (again, for a later validate/test after ``teardown``)."""
         if self.rng is not None:
@@ -278,6 +281,15 @@ class PipelineEngine:
     def tied_copies(self) -> set[int]:
         """Ids of this rank's tied-weight copies that another stage's copy already stands for in a norm."""
         return {id(p) for _, params, counted in self.tied_groups if not counted for p in params}
+
+    def tied_names(self) -> dict[str, str]:
+        """This rank's names of tied-weight copies (``lm_head.weight``) -> the name one process gives the weight,
+        its first user's (``transformer.wte.weight``): checkpoints store the optimizer state under that one."""
+        prefix = next(name for name, m in self.lightning_module.named_modules() if m is self.pipelined)
+        local = {name for name, _ in self.lightning_module.named_parameters()}
+        full = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
+        return {full(alias): full(tie.names[0]) for tie in self.stage_modules[0].plan.tied
+                for alias in tie.names[1:] if full(alias) in local and alias != tie.names[0]}
 
     def _sum_tied_grads(self) -> None:
         """Each copy of a tied weight gets the sum of every copy's gradient. Under TP the copies are sharded alike
