@@ -438,8 +438,9 @@ class MerakStrategy(ParallelStrategy):
         """``weights_only=False`` (Lightning's argument) trusts the checkpoint; otherwise it loads as data only."""
         path = ckpt.local_path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
+        tied = self._engine.tied_names() if self._engine is not None else {}  # loaded before setup: nothing cut
         return ckpt.load(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading,
-                         weights_only=weights_only, tied=self._engine.tied_names())
+                         weights_only=weights_only, tied=tied)
 
     def remove_checkpoint(self, filepath: Any) -> None:
         path = ckpt.local_path(filepath)
