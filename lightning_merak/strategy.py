@@ -371,9 +371,8 @@ class MerakStrategy(ParallelStrategy):
             return self._eval_step("predict_step", args, kwargs)
 
     def _eval_step(self, hook: str, args: tuple, kwargs: dict) -> Any:
-        result = self._engine.eval_step(hook, *args, **kwargs)
-        replay_logs(self.lightning_module, result.logs)
-        return result.output
+        # every rank runs the user's hook itself (its self.log calls included): nothing to replay
+        return self._engine.eval_step(hook, *args, **kwargs).output
 
     def sync_data_parallel_grads(self, data_parallel: Any) -> None:
         """Average this replica's gradients with the other data-parallel replicas (under ZeRO, each rank is left

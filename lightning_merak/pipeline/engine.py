@@ -6,9 +6,9 @@ optimizer step returns the memory figures to log. The strategy does the Lightnin
 gradient sync, logging, checkpoints.
 
 Training under a pipeline uses torch's ``PipelineStage`` and a schedule (``runtime.build_schedule``) fed by
-``StageRunner``; evaluation runs a forward-only pipeline of one micro-batch with plain point-to-point
-transfers, so the user's ``validation_step``/``test_step``/``predict_step`` sees the whole batch exactly as in
-one process.
+``StageRunner``; in evaluation every rank runs the user's ``validation_step``/``test_step``/``predict_step``
+once, as under DDP, its model call answered by a forward-only pipeline of the whole batch (plain point-to-point
+transfers) and the last stage's output broadcast over the pipeline group.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from lightning_merak._compat import local_shard
+from lightning_merak._compat import local_shard, tree_flatten
 from lightning_merak.pipeline.plan.choose import ScheduleDecision
 from lightning_merak.pipeline.takeover import StageRunner, capture_model_call, redirect_forward, split_batch
 from lightning_merak.trace import shape_signature
@@ -331,43 +331,72 @@ class PipelineEngine:
             self.delta.close()
 
     # ------------------------------------------------------------------ evaluation
-    def eval_step(self, hook: str, batch: Any, batch_idx: int, *args: Any) -> StepResult:
-        """Forward-only pipeline of one micro-batch through the stages in order: receive, run, send; the rank
-        holding the last stage runs the user's hook."""
-        step = getattr(self.lightning_module, hook)
-        model_args, model_kwargs = capture_model_call(step, self.pipelined, self.lightning_module, batch, batch_idx,
-                                                      *args)
-        result, outputs = None, ()
-        with torch.no_grad():
+    def eval_step(self, hook: str, *args: Any, **kwargs: Any) -> StepResult:
+        """The user's ``validation_step`` / ``test_step`` / ``predict_step`` runs once on every rank of the
+        pipeline, as under DDP: its call of the pipelined module is answered by a forward-only pipeline of the
+        whole batch and the model output the last stage computed, broadcast over the pipeline group. So what the
+        step does around the call (appending to ``self``, updating a Metric, ``self.log``, returning predictions)
+        happens alike on every rank; nothing is replayed. The generators are seeded per batch first, the same on
+        every rank of a pipeline, so randomness drawn in the step is the same everywhere too."""
+        if self.rng is not None:
+            batch_idx = kwargs.get("batch_idx", args[1] if len(args) > 1 else 0)
+            self.rng.start(int(batch_idx))
+        with redirect_forward(self.pipelined, self._forward_only):
+            return StepResult(getattr(self.lightning_module, hook)(*args, **kwargs))
+
+    def _forward_only(self, *model_args: Any, **model_kwargs: Any) -> Any:
+        """One call of the pipelined module inside an evaluation step, made by every rank of the pipeline alike:
+        through the stages in order (receive, run, send), then the last stage's output to every rank. Whatever the
+        stages draw from the generators is undone, so the step continues with the same numbers on every rank."""
+        output, outputs = None, ()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for stage in self.stage_modules:
                 i = stage.stage_index
                 received = outputs  # from this rank's previous stage, or received below
                 if i > 0 and self.stage_to_rank[i - 1] != self.pp_rank:
                     recv_metas, _ = stage.boundary_metas(model_args, model_kwargs)
                     received = tuple(self._recv(meta, self.stage_to_rank[i - 1]) for meta in recv_metas)
-                if i < self.num_stages - 1:
-                    outputs = stage(*received, model_args=model_args, model_kwargs=model_kwargs)
-                    if self.stage_to_rank[i + 1] != self.pp_rank:
-                        dst = dist.get_global_rank(self.pp_group, self.stage_to_rank[i + 1])
-                        for t in outputs:
-                            dist.send(t, dst=dst, group=self.pp_group)  # stage outputs are contiguous
-                    continue
+                outputs = stage(*received, model_args=model_args, model_kwargs=model_kwargs)
+                if i == self.num_stages - 1:
+                    output = outputs
+                elif self.stage_to_rank[i + 1] != self.pp_rank:
+                    dst = dist.get_global_rank(self.pp_group, self.stage_to_rank[i + 1])
+                    for t in outputs:
+                        dist.send(t, dst=dst, group=self.pp_group)  # stage outputs are contiguous
+            return self._broadcast_output(output)
 
-                def run_stage(*a: Any, _stage=stage, _received=received, **kw: Any) -> Any:
-                    return _stage(*_received, model_args=a, model_kwargs=kw)
-
-                with redirect_forward(self.pipelined, run_stage), \
-                        self.last_runner.recorder.recording(self.lightning_module, 1.0):
-                    result = step(batch, batch_idx, *args)
-        payload = [(result, self.last_runner.recorder.summary(self.lightning_module)) if self.holds_last else None]
-        dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
-        result, logged = payload[0]
-        return StepResult(result, logged)
+    def _broadcast_output(self, output: Any) -> Any:
+        """The last stage's model output on every rank of the pipeline: its structure and non-tensor leaves as one
+        object, each tensor by a broadcast on the device (activations and logits are not pickled)."""
+        header: list[Any] = [None]
+        if self.holds_last:
+            leaves, spec = tree_flatten(output)
+            header = [(spec, [_TensorMeta(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t
+                              for t in leaves])]
+        dist.broadcast_object_list(header, src=self.last_rank, group=self.pp_group)
+        if not self.holds_last:
+            spec, described = header[0]
+            leaves = [torch.empty(d.shape, dtype=d.dtype, device=self.device) if isinstance(d, _TensorMeta) else d
+                      for d in described]
+        for t in (leaf for leaf in leaves if isinstance(leaf, torch.Tensor)):
+            buf = t if t.is_contiguous() else t.contiguous()
+            dist.broadcast(buf.view(torch.uint8) if buf.dtype == torch.bool else buf, src=self.last_rank,
+                           group=self.pp_group)
+        return output if self.holds_last else spec.unflatten(leaves)
 
     def _recv(self, meta: torch.Tensor, pp_rank: int) -> torch.Tensor:
         buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
         dist.recv(buf, src=dist.get_global_rank(self.pp_group, pp_rank), group=self.pp_group)
         return buf
+
+
+@dataclass(frozen=True)
+class _TensorMeta:
+    """A tensor leaf of the model output, as announced before its broadcast."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def _example(t: torch.Tensor) -> torch.Tensor:
