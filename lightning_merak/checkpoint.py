@@ -231,7 +231,7 @@ def _optimizer_entry(module: torch.nn.Module, optimizer: Any, stage: int = 0,
     docstring). The position (pipeline stage, index in the stage's module order) restores the parameter order
     of the whole model when the checkpoint is consolidated. ``stage_of``: id(parameter) -> its stage, where a
     rank holds several (interleaved, V); other parameters count as ``stage``. ``tied``: this rank's names of
-    copies of a weight tied across pipeline stages -> the name one process gives it (see ``canonical_names``)."""
+    copies of a weight tied across pipeline stages -> the name one process gives it (see module docstring)."""
     opt = _unwrap(optimizer)
     sd = get_optimizer_state_dict(module, opt)
     tied = tied or {}
@@ -240,9 +240,10 @@ def _optimizer_entry(module: torch.nn.Module, optimizer: Any, stage: int = 0,
     named = list(module.named_parameters())
     module_order = {name: i for i, (name, _) in enumerate(named)}
     stages = {name: (stage_of or {}).get(id(p), stage) for name, p in named}
-    # a tied copy's position is its first user's, written by the rank holding that one
+    # a tied copy's position is its first user's, written by the rank that holds the weight under that name
+    elsewhere = set(tied.values()) - set(module_order)
     position = {name: [stages.get(name, stage), module_order.get(name, -1)] for name in group_of
-                if name not in tied.values() or name in module_order}
+                if name not in elsewhere}
     state = {tied.get(name, name): value for name, value in sd["state"].items()}
     return {"state": state, "group_of": group_of, "groups": groups, "position": position}
 

@@ -5,8 +5,9 @@ after it is, at its first use after the cut, an argument of a unit call: the nex
 writes it into that argument (see ``pipeline/stage.py``), or it is only returned by the module (one tower's
 embedding in a two-tower model): the next stages carry it to the last, which returns it. Parameter-free work on
 the batch (masks, rotary tables, position ids) carries no taint, so every stage recomputes it. A tensor first used
-after the cut by the parent's own code (a residual inside a block) makes the cut illegal. Among legal cuts the stages minimise the
-most expensive stage (forward + backward = 3 x forward FLOPs), ties broken by fewer bytes crossing.
+after the cut by the parent's own code (a residual inside a block) makes the cut illegal. Among legal cuts the
+stages minimise the most expensive stage (forward + backward = 3 x forward FLOPs), ties broken by fewer bytes
+crossing.
 """
 
 from __future__ import annotations
