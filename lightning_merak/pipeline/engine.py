@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from lightning_merak._compat import local_shard, tree_flatten
+from lightning_merak._compat import local_shard, tree_flatten, tree_map
 from lightning_merak.pipeline.plan.choose import ScheduleDecision
 from lightning_merak.pipeline.takeover import StageRunner, capture_model_call, redirect_forward, split_batch
 from lightning_merak.trace import shape_signature
@@ -368,22 +368,22 @@ class PipelineEngine:
 
     def _broadcast_output(self, output: Any) -> Any:
         """The last stage's model output on every rank of the pipeline: its structure and non-tensor leaves as one
-        object, each tensor by a broadcast on the device (activations and logits are not pickled)."""
+        object (tensors replaced by their shape and dtype), then each tensor by a broadcast on the device
+        (activations and logits are not pickled)."""
         header: list[Any] = [None]
         if self.holds_last:
-            leaves, spec = tree_flatten(output)
-            header = [(spec, [_TensorMeta(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t
-                              for t in leaves])]
+            header = [tree_map(lambda t: _TensorMeta(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t,
+                               output)]
         dist.broadcast_object_list(header, src=self.last_rank, group=self.pp_group)
         if not self.holds_last:
-            spec, described = header[0]
-            leaves = [torch.empty(d.shape, dtype=d.dtype, device=self.device) if isinstance(d, _TensorMeta) else d
-                      for d in described]
-        for t in (leaf for leaf in leaves if isinstance(leaf, torch.Tensor)):
-            buf = t if t.is_contiguous() else t.contiguous()
-            dist.broadcast(buf.view(torch.uint8) if buf.dtype == torch.bool else buf, src=self.last_rank,
-                           group=self.pp_group)
-        return output if self.holds_last else spec.unflatten(leaves)
+            output = tree_map(lambda d: torch.empty(d.shape, dtype=d.dtype, device=self.device)
+                              if isinstance(d, _TensorMeta) else d, header[0])
+        for t in tree_flatten(output)[0]:
+            if isinstance(t, torch.Tensor):
+                buf = t if t.is_contiguous() else t.contiguous()
+                dist.broadcast(buf.view(torch.uint8) if buf.dtype == torch.bool else buf, src=self.last_rank,
+                               group=self.pp_group)
+        return output
 
     def _recv(self, meta: torch.Tensor, pp_rank: int) -> torch.Tensor:
         buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)

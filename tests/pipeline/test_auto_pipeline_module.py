@@ -98,3 +98,41 @@ def test_two_tower_pipelined_whole_equals_one_process(tmp_path):
             seen.add(key)
     assert seen == set(ref.state_dict())  # every weight is on a stage: nothing was left replicated
     assert not set(ranks[0]["params"]) & set(ranks[1]["params"])
+
+
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_a_tensor_only_returned_crosses_to_the_last_stage(num_stages):
+    """The structure tower's embedding is never read by a later block, only returned: it is sent on (through the
+    text tower's stages at 4) to the last stage, which returns it. Stages run in one process equal the whole."""
+    import copy
+
+    from lightning_merak.pipeline.stage import build_stages
+
+    towers = make("two_tower")
+    g = torch.Generator().manual_seed(1)
+    s, t, y = torch.randn(4, 16, generator=g), torch.randn(4, 12, generator=g), torch.rand(4, generator=g)
+    plan = plan_model(towers, ((s, t), {}), num_stages)
+    assert any("(returned)" in b.consumers for st in plan.stages for b in st.boundary), plan.table()
+
+    def loss_of(a, b):
+        return (nn.functional.cosine_similarity(a, b) - y).pow(2).mean()
+
+    ref_loss = loss_of(*towers(s, t))
+    ref_loss.backward()
+    stages = [build_stages(copy.deepcopy(towers), plan, [i])[0] for i in range(num_stages)]
+    received, inputs, outputs = (), [], []
+    for i, stage in enumerate(stages):
+        received = tuple(r.detach().requires_grad_() for r in received)
+        out = stage(*received, model_args=(s, t), model_kwargs={})
+        inputs.append(received)
+        outputs.append(out)
+        received = out
+    loss = loss_of(*outputs[-1])
+    loss.backward()
+    for i in range(num_stages - 2, -1, -1):
+        torch.autograd.backward(outputs[i], tuple(r.grad for r in inputs[i + 1]))
+    assert torch.equal(loss, ref_loss)
+    grads = {k: p.grad for stage in stages for k, p in stage.module.named_parameters()}
+    assert set(grads) == {k for k, _ in towers.named_parameters()}
+    for key, p in towers.named_parameters():
+        torch.testing.assert_close(grads[key], p.grad, atol=1e-7, rtol=0, msg=key)
