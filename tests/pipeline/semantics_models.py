@@ -130,11 +130,18 @@ class TwoTower(pl.LightningModule):
         self.log("train_loss", loss)
         return loss
 
+    def predict_step(self, batch, batch_idx):
+        s, t, _ = batch
+        return nn.functional.cosine_similarity(*self(s, t))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
     def train_dataloader(self):
         return DataLoader(PairData(self.hparams.n), batch_size=self.hparams.batch_size, shuffle=True)
+
+    def predict_dataloader(self):
+        return DataLoader(PairData(self.hparams.n, seed=1), batch_size=self.hparams.batch_size)
 
 
 MODULES = {"eval_side_effects": EvalSideEffects, "two_tower": TwoTower}

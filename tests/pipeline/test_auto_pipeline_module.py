@@ -71,7 +71,8 @@ def test_plan_reports_stage_shares_and_what_is_replicated():
 def test_two_tower_pipelined_whole_equals_one_process(tmp_path):
     steps = 6
     ranks = run_semantics(tmp_path, "two_tower", 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b",
-                                                     "num_microbatches": 4, "recompute": "none"}, steps=steps)
+                                                     "num_microbatches": 4, "recompute": "none"}, steps=steps,
+                          predict=True)
     output = (tmp_path / "output.txt").read_text()
     assert "Merak partition of the LightningModule itself (TwoTower) into 2 stages" in output
     shares = re.search(r"parameters per stage, of the model's [\d,]+: stage 0 ([\d.]+)%, stage 1 ([\d.]+)%; "
@@ -86,9 +87,11 @@ def test_two_tower_pipelined_whole_equals_one_process(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-               callbacks=[Rec()]).fit(ref)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         callbacks=[Rec()])
+    trainer.fit(ref)
+    predictions = torch.cat(trainer.predict(ref))
     assert losses[0] - losses[-1] > 20 * ATOL  # it trains: the comparison is not of constants
     seen = set()
     for rank in ranks:
@@ -98,6 +101,8 @@ def test_two_tower_pipelined_whole_equals_one_process(tmp_path):
             seen.add(key)
     assert seen == set(ref.state_dict())  # every weight is on a stage: nothing was left replicated
     assert not set(ranks[0]["params"]) & set(ranks[1]["params"])
+    for rank in ranks:  # predict through the whole pipelined LightningModule, on every rank
+        torch.testing.assert_close(rank["predictions"], predictions, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("num_stages", [2, 4])
@@ -121,7 +126,7 @@ def test_a_tensor_only_returned_crosses_to_the_last_stage(num_stages):
     ref_loss.backward()
     stages = [build_stages(copy.deepcopy(towers), plan, [i])[0] for i in range(num_stages)]
     received, inputs, outputs = (), [], []
-    for i, stage in enumerate(stages):
+    for stage in stages:
         received = tuple(r.detach().requires_grad_() for r in received)
         out = stage(*received, model_args=(s, t), model_kwargs={})
         inputs.append(received)

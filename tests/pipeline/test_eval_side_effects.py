@@ -20,10 +20,10 @@ DP, PP = 2, 2
 
 
 def run_semantics(tmp_path, model: str, devices: int, strategy: dict, steps: int = 0, evaluate: bool = False,
-                  module: dict | None = None) -> list[dict]:
+                  predict: bool = False, module: dict | None = None) -> list[dict]:
     """``tests/scripts/semantics_fit.py`` on ``devices`` processes; what each rank saved, and its output text."""
     cfg = {"model": model, "devices": devices, "strategy": strategy, "steps": steps, "evaluate": evaluate,
-           "module": module or {}}
+           "predict": predict, "module": module or {}}
     tmp_path.mkdir(parents=True, exist_ok=True)
     output = check_script(REPO / "tests/scripts/semantics_fit.py", str(tmp_path), json.dumps(cfg), timeout=300)
     (tmp_path / "output.txt").write_text(output)

@@ -3,7 +3,8 @@ saves what it holds and what its hooks saw.
 
 usage: python tests/scripts/semantics_fit.py OUT_DIR CONFIG_JSON
 CONFIG_JSON: {"model": "two_tower", "devices": 2, "strategy": {...MerakStrategy kwargs...}, "module": {...},
-              "steps": 3 (fit that many steps; 0: no fit), "evaluate": false (validate, test and predict)}
+              "steps": 3 (fit that many steps; 0: no fit), "evaluate": false (validate, test and predict),
+              "predict": false (predict only)}
 """
 
 import datetime
@@ -45,6 +46,7 @@ if __name__ == "__main__":
     if cfg.get("evaluate"):
         result["validate"] = trainer.validate(module, verbose=False)[0]
         result["test"] = trainer.test(module, verbose=False)[0]
-        result["predictions"] = torch.cat(trainer.predict(module))
         result["reduced"] = module.reduced
+    if cfg.get("evaluate") or cfg.get("predict"):
+        result["predictions"] = torch.cat(trainer.predict(module))
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
