@@ -6,6 +6,10 @@ shards as DTensors), plus ``meta.pt`` from rank 0 with everything else Lightning
 schedulers). Optimizer state is keyed by parameter name too, with each parameter's param-group index stored
 under its own key, so ranks holding different parameters never overwrite each other's entries. Loading asks
 DCP only for the keys the loading rank holds, which is why a dp x pp x tp checkpoint resumes on any layout.
+A weight tied across pipeline stages (GPT-2's wte = lm_head) has a copy on each stage holding it, under that
+stage's name for it; its optimizer state is stored once, under the name one process gives the weight (its first
+user's), so it is consolidated once and resumes on any layout (the copies' states are equal: their gradients
+are summed).
 
 Atomic: a checkpoint is written into a hidden sibling folder, ``merak_checkpoint.json`` is written last, and
 only then does the folder take the checkpoint's name (the previous checkpoint of that name is kept until the
@@ -222,20 +226,26 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def _optimizer_entry(module: torch.nn.Module, optimizer: Any, stage: int = 0,
-                     stage_of: dict[int, int] | None = None) -> dict[str, Any]:
+                     stage_of: dict[int, int] | None = None, tied: dict[str, str] | None = None) -> dict[str, Any]:
     """Optimizer state keyed by parameter name, with per-parameter group membership and position (see module
     docstring). The position (pipeline stage, index in the stage's module order) restores the parameter order
     of the whole model when the checkpoint is consolidated. ``stage_of``: id(parameter) -> its stage, where a
-    rank holds several (interleaved, V); other parameters count as ``stage``."""
+    rank holds several (interleaved, V); other parameters count as ``stage``. ``tied``: this rank's names of
+    copies of a weight tied across pipeline stages -> the name one process gives it (see module docstring)."""
     opt = _unwrap(optimizer)
     sd = get_optimizer_state_dict(module, opt)
+    tied = tied or {}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-    group_of = {name: i for i, g in enumerate(sd["param_groups"]) for name in g["params"]}
+    group_of = {tied.get(name, name): i for i, g in enumerate(sd["param_groups"]) for name in g["params"]}
     named = list(module.named_parameters())
     module_order = {name: i for i, (name, _) in enumerate(named)}
     stages = {name: (stage_of or {}).get(id(p), stage) for name, p in named}
-    position = {name: [stages.get(name, stage), module_order.get(name, -1)] for name in group_of}
-    return {"state": sd["state"], "group_of": group_of, "groups": groups, "position": position}
+    # a tied copy's position is its first user's, written by the rank that holds the weight under that name
+    elsewhere = set(tied.values()) - set(module_order)
+    position = {name: [stages.get(name, stage), module_order.get(name, -1)] for name in group_of
+                if name not in elsewhere}
+    state = {tied.get(name, name): value for name, value in sd["state"].items()}
+    return {"state": state, "group_of": group_of, "groups": groups, "position": position}
 
 
 def _staging_path(path: Path) -> Path:
@@ -255,9 +265,11 @@ def _check_replaceable(path: Path) -> None:
 
 
 def save_sharded(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module, optimizers: list[Any],
-                 is_rank_zero: bool, stage: int = 0, stage_of: dict[int, int] | None = None) -> None:
+                 is_rank_zero: bool, stage: int = 0, stage_of: dict[int, int] | None = None,
+                 tied: dict[str, str] | None = None) -> None:
     """Write ``checkpoint`` (Lightning's dict) as a DCP folder; weights and optimizer state come from the live
-    module and optimizers so each rank contributes exactly what it holds. Every rank calls this.
+    module and optimizers so each rank contributes exactly what it holds. Every rank calls this. ``tied``: this
+    rank's names of tied-weight copies -> the one-process name their optimizer state is stored under.
 
     Atomic (see module docstring): a failure on any rank leaves the previous checkpoint at ``path`` untouched
     and the partial one in a hidden sibling folder, which the next save to ``path`` clears."""
@@ -272,7 +284,7 @@ def save_sharded(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module
     checkpoint.pop("optimizer_states", None)
     state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}
     for i, opt in enumerate(optimizers):
-        state[f"optimizer_{i}"] = _optimizer_entry(module, opt, stage, stage_of)
+        state[f"optimizer_{i}"] = _optimizer_entry(module, opt, stage, stage_of, tied)
     dcp.save(state, checkpoint_id=staging, no_dist=not _distributed_is_initialized())  # returns once all wrote
     if is_rank_zero:
         torch.save(checkpoint, staging / META_FILE)
@@ -304,28 +316,29 @@ def _replace(staging: Path, path: Path) -> None:
 
 
 def load(path: Path, module: torch.nn.Module, optimizers: list[Any], strict: bool = True,
-         weights_only: bool | None = None) -> dict[str, Any]:
+         weights_only: bool | None = None, tied: dict[str, str] | None = None) -> dict[str, Any]:
     """Load a sharded folder (any topology) or a plain ``.ckpt`` file into this rank's module and optimizers;
     return the remaining Lightning checkpoint entries (loops, callbacks, ...). ``weights_only=False`` means the
-    caller trusts the checkpoint (its pickles may run code); ``None`` and ``True`` load data only."""
+    caller trusts the checkpoint (its pickles may run code); ``None`` and ``True`` load data only. ``tied``: as
+    for ``save_sharded``, this rank's tied copies read the state stored under their one-process name."""
     if not path.exists():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     if not path.is_dir():
-        return _load_full_file(path, module, optimizers, strict, weights_only)
+        return _load_full_file(path, module, optimizers, strict, weights_only, tied or {})
     _check_complete(path)
     # read the non-tensor files before any collective, so a bad file fails every rank at once, by name
     meta = _load_torch_file(path / META_FILE, weights_only)
     model_sd = get_model_state_dict(module)
     _check_tensors_match(path, read_dcp_metadata(path), model_sd, strict)
     state: dict[str, Any] = {"state_dict": model_sd}
-    templates = [_optimizer_entry(module, opt) for opt in optimizers]
+    templates = [_optimizer_entry(module, opt, tied=tied) for opt in optimizers]
     for i, entry in enumerate(templates):
         state[f"optimizer_{i}"] = entry
     reader, planner = _reader_and_planner(path, weights_only)
     _dcp_load(dcp.load, state, storage_reader=reader, planner=planner, no_dist=not _distributed_is_initialized())
     set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=strict))
     for i, opt in enumerate(optimizers):
-        _restore_optimizer(module, opt, state[f"optimizer_{i}"])
+        _restore_optimizer(module, opt, state[f"optimizer_{i}"], tied or {})
     return meta
 
 
@@ -347,17 +360,21 @@ def _check_tensors_match(path: Path, metadata: Metadata, model_sd: dict[str, Any
                                   f"{list(t.shape)} in this module. It was saved from a model of another size.")
 
 
-def _restore_optimizer(module: torch.nn.Module, optimizer: Any, entry: dict[str, Any]) -> None:
+def _restore_optimizer(module: torch.nn.Module, optimizer: Any, entry: dict[str, Any],
+                       tied: dict[str, str]) -> None:
+    """Give ``optimizer`` the name-keyed ``entry``; a tied copy on this rank takes its one-process name's state."""
     opt = _unwrap(optimizer)
+    local = {name: alias for alias, name in tied.items()}
     names = list(entry["group_of"].keys())
     groups = []
     for i, hyper in enumerate(entry["groups"]):
-        groups.append({**hyper, "params": [n for n in names if entry["group_of"][n] == i]})
-    set_optimizer_state_dict(module, opt, {"state": entry.get("state", {}), "param_groups": groups})
+        groups.append({**hyper, "params": [local.get(n, n) for n in names if entry["group_of"][n] == i]})
+    state = {local.get(n, n): s for n, s in entry.get("state", {}).items()}
+    set_optimizer_state_dict(module, opt, {"state": state, "param_groups": groups})
 
 
 def _load_full_file(path: Path, module: torch.nn.Module, optimizers: list[Any], strict: bool,
-                    weights_only: bool | None = None) -> dict[str, Any]:
+                    weights_only: bool | None, tied: dict[str, str]) -> dict[str, Any]:
     """A consolidated (or plain Lightning) checkpoint: full tensors keyed by name; optimizer state by position."""
     checkpoint = _load_torch_file(path, weights_only)
     local = get_model_state_dict(module)
@@ -375,11 +392,11 @@ def _load_full_file(path: Path, module: torch.nn.Module, optimizers: list[Any], 
                           "consolidate`), so it cannot be matched to this stage's parameters: the optimizer starts "
                           "fresh; the weights are loaded.", stacklevel=2)
             continue
-        _restore_optimizer(module, opt, _restrict(named, local))
+        _restore_optimizer(module, opt, _restrict(named, {tied.get(k, k) for k in local}), tied)
     return {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
 
 
-def _restrict(entry: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
+def _restrict(entry: dict[str, Any], local: set[str]) -> dict[str, Any]:
     keep = {n for n in entry["group_of"] if n in local}
     return {"state": {n: s for n, s in entry.get("state", {}).items() if n in keep},
             "group_of": {n: g for n, g in entry["group_of"].items() if n in keep}, "groups": entry["groups"]}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -52,7 +53,8 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     """
     pp, tp = topology.size(mesh, "pp"), topology.size(mesh, "tp")
     check_step_supported(lightning_module, pp)
-    path, pipelined = find_pipelined_module(lightning_module, config.pipeline_module)
+    calls = first_step_call(lightning_module, batch, step_name, config.microbatches(pp)) if pp > 1 else None
+    path, pipelined = find_pipelined_module(lightning_module, config.pipeline_module, calls)
     seed = init_seed()
     full_bytes = sum(p.numel() * p.element_size() for p in lightning_module.parameters())
     outside = materialize(lightning_module, device, seed, skip=pipelined)
@@ -99,8 +101,14 @@ def check_step_supported(lightning_module: Any, pp: int) -> None:
         )
 
 
-def find_pipelined_module(lightning_module: nn.Module, path: str) -> tuple[str, nn.Module]:
-    """The submodule to pipeline: ``path`` if given, else the direct child holding most parameters."""
+def find_pipelined_module(lightning_module: nn.Module, path: str,
+                          step_call: Callable[[nn.Module], bool] | None = None) -> tuple[str, nn.Module]:
+    """The module to pipeline (``""``: the LightningModule itself). ``path`` if given; for "auto", the direct
+    child holding most (over half) of the parameters, so that little is replicated outside the pipeline. Under a
+    pipeline (``step_call(module)``: whether the user's step calls ``module``), where no child does (a two-tower
+    model: each tower about half), the LightningModule itself when the step reaches them through ``self(...)``;
+    otherwise the largest child, with a warning naming what stays replicated and the fix. Without ``step_call``
+    (no pipeline), the largest child."""
     if path != "auto":
         try:
             return path, lightning_module.get_submodule(path)
@@ -111,7 +119,34 @@ def find_pipelined_module(lightning_module: nn.Module, path: str) -> tuple[str, 
                 if any(True for _ in child.parameters())]
     if not children:
         raise PipelineInputError(f"{type(lightning_module).__name__} has no submodule with parameters to pipeline.")
-    return max(children, key=lambda nc: sum(p.numel() for p in nc[1].parameters()))
+    total = _count(lightning_module)
+    name, child = max(children, key=lambda nc: _count(nc[1]))
+    if 2 * _count(child) > total or step_call is None:
+        return name, child
+    if step_call(lightning_module):
+        return "", lightning_module
+    rank_zero_warn(f"Merak pipeline_module='auto': no submodule of {type(lightning_module).__name__} holds most of "
+                   f"its parameters (the largest, `{name}`, holds {_count(child) / total:.0%}) and the step does not "
+                   f"call self(...), so only `{name}` is pipelined and the rest is replicated on every pipeline rank. "
+                   "Call the model through self(...) (a forward that runs every tower) to pipeline all of it, or set "
+                   "MerakStrategy(pipeline_module=...) to the module your step calls.")
+    return name, child
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def first_step_call(lightning_module: Any, batch: Any, step_name: str,
+                    num_microbatches: int) -> Callable[[nn.Module], bool]:
+    """Whether the user's step, run on (a micro-batch of) the first batch up to the call, calls ``module``."""
+    def calls(module: nn.Module) -> bool:
+        try:
+            example_inputs(lightning_module, module, batch, step_name, num_microbatches)
+        except PipelineInputError:
+            return False
+        return True
+    return calls
 
 
 def init_seed() -> int:
@@ -242,11 +277,29 @@ def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, e
     plan = plans[auto.stages_per_rank]
     placement = make_schedule(auto.decision.name, pp, num_microbatches).stage_to_rank
     pp_rank = topology.local_rank(mesh, "pp")
+    shares = parameter_shares(lightning_module, pipelined, plan)  # before the cut prunes the stages
     stages = build_stages(pipelined, plan, [s for s, r in enumerate(placement) if r == pp_rank], device)
     where = "" if len(placement) == pp else f" (pipeline rank of each stage: {list(placement)})"
-    rank_zero_info(f"Merak partition of `{path}` ({type(pipelined).__name__}) into {len(placement)} stages"
-                   f"{where}:\n{plan.table()}")
+    what = f"`{path}`" if path else "the LightningModule itself"
+    rank_zero_info(f"Merak partition of {what} ({type(pipelined).__name__}) into {len(placement)} stages"
+                   f"{where}:\n{plan.table()}\n{shares}")
     return PipelineCut(plan, placement, stages, [], auto)
+
+
+def parameter_shares(lightning_module: nn.Module, pipelined: nn.Module, plan: Any) -> str:
+    """The share of the LightningModule's parameters each stage holds, and what is replicated on every pipeline
+    rank outside the pipelined module (a weight tied across stages counts on each stage holding it)."""
+    total = _count(lightning_module) or 1
+    inside = {id(p) for p in pipelined.parameters()}
+    outside: dict[str, int] = {}
+    for name, p in lightning_module.named_parameters():
+        if id(p) not in inside:
+            outside[name.split(".")[0]] = outside.get(name.split(".")[0], 0) + p.numel()
+    per_stage = ", ".join(f"stage {st.index} {st.num_params / total:.1%}" for st in plan.stages)
+    replicated = sum(outside.values())
+    where = f" ({', '.join(f'`{n}` {c:,}' for n, c in outside.items())})" if outside else ""
+    return (f"parameters per stage, of the model's {total:,}: {per_stage}; replicated on every pipeline rank, outside "
+            f"the pipeline: {replicated:,} ({replicated / total:.1%}){where}")
 
 
 def plan_stages(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], partition: Any) -> Any:

@@ -378,9 +378,8 @@ class MerakStrategy(ParallelStrategy):
             return self._eval_step("predict_step", args, kwargs)
 
     def _eval_step(self, hook: str, args: tuple, kwargs: dict) -> Any:
-        result = self._engine.eval_step(hook, *args, **kwargs)
-        replay_logs(self.lightning_module, result.logs)
-        return result.output
+        # every rank runs the user's hook itself (its self.log calls included): nothing to replay
+        return self._engine.eval_step(hook, *args, **kwargs).output
 
     def sync_data_parallel_grads(self, data_parallel: Any) -> None:
         """Average this replica's gradients with the other data-parallel replicas (under ZeRO, each rank is left
@@ -439,14 +438,15 @@ class MerakStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         ckpt.save_sharded(path, checkpoint, self.lightning_module, self.optimizers, self.is_global_zero,
                           stage=topology.local_rank(self._device_mesh, "pp"),
-                          stage_of=self._engine.stage_of_parameters())
+                          stage_of=self._engine.stage_of_parameters(), tied=self._engine.tied_names())
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """``weights_only=False`` (Lightning's argument) trusts the checkpoint; otherwise it loads as data only."""
         path = ckpt.local_path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
+        tied = self._engine.tied_names() if self._engine is not None else {}  # loaded before setup: nothing cut
         return ckpt.load(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading,
-                         weights_only=weights_only)
+                         weights_only=weights_only, tied=tied)
 
     def remove_checkpoint(self, filepath: Any) -> None:
         path = ckpt.local_path(filepath)

@@ -2,10 +2,12 @@
 
 A cut before unit k is *legal* when every tensor made before it from the parameters of earlier units and used
 after it is, at its first use after the cut, an argument of a unit call: the next stage then receives it and
-writes it into that argument (see ``pipeline/stage.py``). Parameter-free work on the batch (masks, rotary
-tables, position ids) carries no taint, so every stage recomputes it. A tensor first used after the cut by the
-parent's own code (a residual inside a block) makes the cut illegal. Among legal cuts the stages minimise the
-most expensive stage (forward + backward = 3 x forward FLOPs), ties broken by fewer bytes crossing.
+writes it into that argument (see ``pipeline/stage.py``), or it is only returned by the module (one tower's
+embedding in a two-tower model): the next stages carry it to the last, which returns it. Parameter-free work on
+the batch (masks, rotary tables, position ids) carries no taint, so every stage recomputes it. A tensor first used
+after the cut by the parent's own code (a residual inside a block) makes the cut illegal. Among legal cuts the
+stages minimise the most expensive stage (forward + backward = 3 x forward FLOPs), ties broken by fewer bytes
+crossing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def crossing(cap: Capture, k: int) -> tuple[list[int], str | None]:
         if not after:
             continue
         first = after[0][1]
-        if first[0] != "call":
+        if first[0] not in ("call", "output"):
             producer = cap.units[max(u for u in info["taint"] if u < k)]
             return [], (f"tensor of shape {info['shape']} made by `{producer}` is read after the cut by the "
                         f"parent's own code (`{first[1]}`) before any block receives it")
@@ -46,10 +48,16 @@ def crossing(cap: Capture, k: int) -> tuple[list[int], str | None]:
     return keys, None
 
 
+#: the "call index" of a tensor's first read after a cut when that read is the module's return value
+OUTPUT = -1
+
+
 def first_read_after(cap: Capture, key: int, k: int) -> tuple[int, int]:
+    """(call index, argument leaf) of the first read of ``key`` after the cut before unit k; (``OUTPUT``, leaf
+    of the return value) when the module only returns it."""
     start = cap.calls[cap.first_call[k]].time
     r = next(r for r in cap.tensors[key]["reads"] if r[0] >= start)
-    return r[1][1], r[1][2]
+    return (OUTPUT, r[1][1]) if r[1][0] == "output" else (r[1][1], r[1][2])
 
 
 @dataclass
@@ -318,6 +326,7 @@ def _boundary(cap: Capture, key: int, k: int) -> Boundary:
     consumers = sorted({cap.units[cap.calls[r[1][1]].unit] for r in info["reads"]
                         if r[1][0] == "call" and cap.calls[r[1][1]].unit >= k},
                        key=cap.units.index)
+    consumers += ["(returned)"] if any(r[1][0] == "output" for r in info["reads"]) else []
     return Boundary(key, tuple(info["shape"]), str(info["dtype"]).removeprefix("torch."), _nbytes(info),
                     cap.units[max(u for u in info["taint"] if u < k)], consumers)
 

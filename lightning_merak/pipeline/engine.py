@@ -6,9 +6,9 @@ optimizer step returns the memory figures to log. The strategy does the Lightnin
 gradient sync, logging, checkpoints.
 
 Training under a pipeline uses torch's ``PipelineStage`` and a schedule (``runtime.build_schedule``) fed by
-``StageRunner``; evaluation runs a forward-only pipeline of one micro-batch with plain point-to-point
-transfers, so the user's ``validation_step``/``test_step``/``predict_step`` sees the whole batch exactly as in
-one process.
+``StageRunner``; in evaluation every rank runs the user's ``validation_step``/``test_step``/``predict_step``
+once, as under DDP, its model call answered by a forward-only pipeline of the whole batch (plain point-to-point
+transfers) and the last stage's output broadcast over the pipeline group.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from lightning_merak._compat import local_shard, tree_flatten
+from lightning_merak._compat import local_shard, tree_flatten, tree_map
 from lightning_merak.pipeline.microbatch import PipelineInputError
 from lightning_merak.pipeline.plan.choose import ScheduleDecision
 from lightning_merak.pipeline.takeover import (
@@ -98,6 +98,9 @@ class LocalEngine:
 
     def tied_copies(self) -> set[int]:
         return set()
+
+    def tied_names(self) -> dict[str, str]:
+        return {}  # one module: a tied weight is one parameter under its one-process name
 
     def attach(self) -> None:
         """Install DELTA and the RNG streams (again, for a later validate/test after ``teardown``)."""
@@ -301,7 +304,7 @@ class PipelineEngine:
             with torch.random.fork_rng(devices=devices):
                 inputs, whole_call = self._capture_inputs(step, batch, micro, batch_idx, args, rng_batch,
                                                           whole=True, quiet=True)
-                received = [self._forward_only(*call) for call in inputs]
+                received = [self._forward_stages(*call, run_last=False)[0] for call in inputs]
                 verdict = None
                 if self.holds_last:
                     verdict = self._probe_verdict(step, batch, micro, batch_idx, args, rng_batch, inputs,
@@ -324,26 +327,6 @@ class PipelineEngine:
         probe.received = received
         probe.compare(self.last_runner)
         return probe.couples, probe.whole_loss, probe.micro_loss, unmergeable, probe.draws
-
-    def _forward_only(self, model_args: tuple, model_kwargs: dict) -> tuple | None:
-        """One micro-batch through this rank's stages in order, without gradients (receive, run, send); returns
-        what the last stage received, on the rank that holds it."""
-        outputs: tuple = ()
-        with torch.no_grad():
-            for stage in self.stage_modules:
-                i = stage.stage_index
-                received = outputs
-                if i > 0 and self.stage_to_rank[i - 1] != self.pp_rank:
-                    recv_metas, _ = stage.boundary_metas(model_args, model_kwargs)
-                    received = tuple(self._recv(meta, self.stage_to_rank[i - 1]) for meta in recv_metas)
-                if i == self.num_stages - 1:
-                    return received
-                outputs = stage(*received, model_args=model_args, model_kwargs=model_kwargs)
-                if self.stage_to_rank[i + 1] != self.pp_rank:
-                    dst = dist.get_global_rank(self.pp_group, self.stage_to_rank[i + 1])
-                    for t in outputs:
-                        dist.send(t, dst=dst, group=self.pp_group)  # stage outputs are contiguous
-        return None
 
     def end_step(self, global_step: int) -> dict[str, float]:
         """After the optimizer step: "auto"'s re-choice once, and every stage's DELTA ledger as metrics."""
@@ -448,6 +431,15 @@ class PipelineEngine:
         """Ids of this rank's tied-weight copies that another stage's copy already stands for in a norm."""
         return {id(p) for _, params, counted in self.tied_groups if not counted for p in params}
 
+    def tied_names(self) -> dict[str, str]:
+        """This rank's names of tied-weight copies (``lm_head.weight``) -> the name one process gives the weight,
+        its first user's (``transformer.wte.weight``): checkpoints store the optimizer state under that one."""
+        prefix = next(name for name, m in self.lightning_module.named_modules() if m is self.pipelined)
+        local = {name for name, _ in self.lightning_module.named_parameters()}
+        full = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
+        return {full(alias): full(tie.names[0]) for tie in self.stage_modules[0].plan.tied
+                for alias in tie.names[1:] if full(alias) in local and alias != tie.names[0]}
+
     def _sum_tied_grads(self) -> None:
         """Each copy of a tied weight gets the sum of every copy's gradient. Under TP the copies are sharded alike
         (vocab rows); a gradient whose placement differs from its weight's (an embedding's is replicated) is
@@ -503,13 +495,31 @@ class PipelineEngine:
             self.delta.close()
 
     # ------------------------------------------------------------------ evaluation
-    def eval_step(self, hook: str, batch: Any, batch_idx: int, *args: Any) -> StepResult:
-        """Forward-only pipeline of one micro-batch through the stages in order: receive, run, send; the rank
-        holding the last stage runs the user's hook."""
-        step = getattr(self.lightning_module, hook)
-        model_args, model_kwargs = capture_model_call(step, self.pipelined, self.lightning_module, batch, batch_idx,
-                                                      *args)
-        result, outputs = None, ()
+    def eval_step(self, hook: str, *args: Any, **kwargs: Any) -> StepResult:
+        """The user's ``validation_step`` / ``test_step`` / ``predict_step`` runs once on every rank of the
+        pipeline, as under DDP: its call of the pipelined module is answered by a forward-only pipeline of the
+        whole batch and the model output the last stage computed, broadcast over the pipeline group. So what the
+        step does around the call (appending to ``self``, updating a Metric, ``self.log``, returning predictions)
+        happens alike on every rank; nothing is replayed. The generators are seeded per batch first, the same on
+        every rank of a pipeline, so randomness drawn in the step is the same everywhere too."""
+        if self.rng is not None:
+            batch_idx = kwargs.get("batch_idx", args[1] if len(args) > 1 else 0)
+            self.rng.start(int(batch_idx))
+        with redirect_forward(self.pipelined, self._eval_model_call):
+            return StepResult(getattr(self.lightning_module, hook)(*args, **kwargs))
+
+    def _eval_model_call(self, *model_args: Any, **model_kwargs: Any) -> Any:
+        """One call of the pipelined module inside an evaluation step, made by every rank of the pipeline alike:
+        through the stages in order, then the last stage's output to every rank. Whatever the stages draw from
+        the generators is undone, so the step continues with the same numbers on every rank."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._broadcast_output(self._forward_stages(model_args, model_kwargs)[1])
+
+    def _forward_stages(self, model_args: tuple, model_kwargs: dict, run_last: bool = True) -> tuple[Any, Any]:
+        """One call through this rank's stages in order, without gradients (receive, run, send). On the rank
+        holding the last stage: what that stage received and (``run_last``) what it returned; else (None, None)."""
+        received_last, output, outputs = None, None, ()
         with torch.no_grad():
             for stage in self.stage_modules:
                 i = stage.stage_index
@@ -517,29 +527,49 @@ class PipelineEngine:
                 if i > 0 and self.stage_to_rank[i - 1] != self.pp_rank:
                     recv_metas, _ = stage.boundary_metas(model_args, model_kwargs)
                     received = tuple(self._recv(meta, self.stage_to_rank[i - 1]) for meta in recv_metas)
-                if i < self.num_stages - 1:
-                    outputs = stage(*received, model_args=model_args, model_kwargs=model_kwargs)
-                    if self.stage_to_rank[i + 1] != self.pp_rank:
-                        dst = dist.get_global_rank(self.pp_group, self.stage_to_rank[i + 1])
-                        for t in outputs:
-                            dist.send(t, dst=dst, group=self.pp_group)  # stage outputs are contiguous
+                if i == self.num_stages - 1:
+                    received_last = received
+                    if run_last:
+                        output = stage(*received, model_args=model_args, model_kwargs=model_kwargs)
                     continue
+                outputs = stage(*received, model_args=model_args, model_kwargs=model_kwargs)
+                if self.stage_to_rank[i + 1] != self.pp_rank:
+                    dst = dist.get_global_rank(self.pp_group, self.stage_to_rank[i + 1])
+                    for t in outputs:
+                        dist.send(t, dst=dst, group=self.pp_group)  # stage outputs are contiguous
+        return received_last, output
 
-                def run_stage(*a: Any, _stage=stage, _received=received, **kw: Any) -> Any:
-                    return _stage(*_received, model_args=a, model_kwargs=kw)
-
-                with redirect_forward(self.pipelined, run_stage), \
-                        self.last_runner.recorder.recording(self.lightning_module, 1.0):
-                    result = step(batch, batch_idx, *args)
-        payload = [(result, self.last_runner.recorder.summary(self.lightning_module)) if self.holds_last else None]
-        dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
-        result, logged = payload[0]
-        return StepResult(result, logged)
+    def _broadcast_output(self, output: Any) -> Any:
+        """The last stage's model output on every rank of the pipeline: its structure and non-tensor leaves as one
+        object (tensors replaced by their shape and dtype), then each tensor by a broadcast on the device
+        (activations and logits are not pickled)."""
+        header: list[Any] = [None]
+        if self.holds_last:
+            header = [tree_map(lambda t: _TensorMeta(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t,
+                               output)]
+        dist.broadcast_object_list(header, src=self.last_rank, group=self.pp_group)
+        if not self.holds_last:
+            output = tree_map(lambda d: torch.empty(d.shape, dtype=d.dtype, device=self.device)
+                              if isinstance(d, _TensorMeta) else d, header[0])
+        for t in tree_flatten(output)[0]:
+            if isinstance(t, torch.Tensor):
+                buf = t if t.is_contiguous() else t.contiguous()
+                dist.broadcast(buf.view(torch.uint8) if buf.dtype == torch.bool else buf, src=self.last_rank,
+                               group=self.pp_group)
+        return output
 
     def _recv(self, meta: torch.Tensor, pp_rank: int) -> torch.Tensor:
         buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
         dist.recv(buf, src=dist.get_global_rank(self.pp_group, pp_rank), group=self.pp_group)
         return buf
+
+
+@dataclass(frozen=True)
+class _TensorMeta:
+    """A tensor leaf of the model output, as announced before its broadcast."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def _splits_like(call: tuple, first_micro: tuple, num_microbatches: int) -> bool:

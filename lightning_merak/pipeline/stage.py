@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_merak._compat import strip_module_state, tensor_parallel_mesh, tree_flatten, tree_map
 from lightning_merak.intercept import wrap_forward
-from lightning_merak.partition.plan import PartitionPlan, first_read_after
+from lightning_merak.partition.plan import OUTPUT, PartitionPlan, first_read_after
 from lightning_merak.trace import Capture, capture, meta_twin, shape_signature
 
 
@@ -121,10 +121,10 @@ class StageModule(nn.Module):
         cap = self._capture_for(args, kwargs)
         recv = [None] * len(self.recv_at)
         for (c, p), i in self.recv_at.items():
-            recv[i] = cap.calls[c].args[p]
+            recv[i] = cap.outputs[p] if c == OUTPUT else cap.calls[c].args[p]
         send = [None] * len(self.send_at)
         for (c, p), i in self.send_at.items():
-            send[i] = cap.calls[c].args[p]
+            send[i] = cap.outputs[p] if c == OUTPUT else cap.calls[c].args[p]
         if self.stage_index == self.num_stages - 1:
             send = [torch.empty((), device="meta")]
         return tuple(recv), tuple(send)
@@ -171,16 +171,32 @@ class StageModule(nn.Module):
         outer, self.shared.running = self.shared.running, self
         try:
             out = self.module(*model_args, **model_kwargs)
+            sent = self._returned(out)
         except _Stop:
             return tuple(_sendable(t, self.split_backward) for t in self._state["sent"])
         finally:
-            sent = self._state
             self._state = None
             self.shared.running = outer
-        if self.stage_index < self.num_stages - 1:
+        if self.stage_index == self.num_stages - 1:
+            return out
+        if any(v is None for v in sent):
             raise RuntimeError(f"stage {self.stage_index} finished the forward without reaching the next stage: "
-                               f"{sum(v is None for v in sent['sent'])} boundary tensors were never produced")
-        return out
+                               f"{sum(v is None for v in sent)} boundary tensors were never produced")
+        return tuple(_sendable(t, self.split_backward) for t in sent)
+
+    def _returned(self, out: Any) -> list:
+        """Boundary tensors the module only returns (``OUTPUT`` reads): the received values go into the return
+        value (in place, as into block arguments), and this stage's own ones are sent on."""
+        state = self._state
+        if any(c == OUTPUT for c, _ in [*self.recv_at, *self.send_at]):
+            leaves = tree_flatten(out)[0]
+            for (c, p), i in self.recv_at.items():
+                if c == OUTPUT:
+                    leaves[p].copy_(state["received"][i])
+            for (c, p), i in self.send_at.items():
+                if c == OUTPUT:
+                    state["sent"][i] = leaves[p]
+        return state["sent"]
 
 
 def _sendable(t: torch.Tensor, copy: bool) -> torch.Tensor:

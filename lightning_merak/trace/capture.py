@@ -90,6 +90,9 @@ class Capture:
     # per unit: times its parameters are read outside its own calls (DeBERTa's relative embedding weight, read by
     # every layer although the embedding module is never called)
     param_reads: dict[int, list[int]] = field(default_factory=dict)
+    # the module's return value, flattened: a tensor made by an early block and only returned (one tower's
+    # embedding in a two-tower model) is read there, as ("output", leaf index), after every block
+    outputs: list = field(default_factory=list)
 
 
 METADATA = {"register_hook", "__get__", "size", "dim", "numel", "stride", "is_floating_point", "element_size", "is_contiguous",
@@ -241,14 +244,19 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
         # with grad even for an evaluation step: saved bytes are a training figure, and torch's module tracker
         # (under the FLOP counter) fails on a parameter passed to a module under no_grad (DeBERTa's rel_embeddings)
         with torch.enable_grad(), flops, _Taint(cap), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            twin(*margs, **mkwargs)
+            out = twin(*margs, **mkwargs)
     except Exception as error:
         error.merak_module = _failing_module(twin, error)
         raise
     finally:
         for h in hooks:
             h.remove()
-    result = Capture(units, cap.calls, unit_params, unit_flops, unit_saved, param_reads=cap.param_reads)
+    outputs = tree_flatten(out)[0]
+    for i, leaf in enumerate(outputs):
+        if isinstance(leaf, torch.Tensor):
+            cap.read(leaf, ("output", i))
+    result = Capture(units, cap.calls, unit_params, unit_flops, unit_saved, param_reads=cap.param_reads,
+                     outputs=outputs)
     result.tensors = {k: dict(v, taint=cap.taint_of(cap.alive[k])) for k, v in cap.info.items()}
     result.first_call = [next((c.index for c in cap.calls if c.unit == u), -1) for u in range(len(units))]
     return result
