@@ -3,6 +3,7 @@ row in one process; each rank saves what it saw.
 
 usage: python tests/failures/fit.py OUT_DIR CONFIG_JSON
 CONFIG_JSON: {"model": "sequential" | "gpt2" | ... | "family:qwen2" (tests/breadth/families.py), "devices": 2,
+              "accelerator": "cpu" | "gpu",
               "steps": 4, "fits": 1, "strategy": {...}, "module": {...}, "timeout_s": 300,
               "fail": {"how": "raise_after_model" | "raise_before_model" | "sigkill", "rank": 1, "step": 2}}
 
@@ -108,7 +109,7 @@ if __name__ == "__main__":
         strategy = MerakStrategy(timeout=datetime.timedelta(seconds=cfg.get("timeout_s", 300)),
                                  **cfg.get("strategy", {}))
         observe = Observe()
-        trainer = pl.Trainer(accelerator="cpu", devices=cfg.get("devices", 2), strategy=strategy, logger=False,
+        trainer = pl.Trainer(accelerator=cfg.get("accelerator", "cpu"), devices=cfg.get("devices", 2), strategy=strategy, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              max_steps=cfg.get("steps", 4), limit_val_batches=0, num_sanity_val_steps=0,
                              callbacks=[observe])
