@@ -50,7 +50,7 @@ class ErrorMarker:
 class _Outcome:
     """A section's result on this rank, or the exception it raised (kept to re-raise with its traceback)."""
 
-    def __init__(self, section: str, fn: Callable[[], Any] | None) -> None:
+    def __init__(self, fn: Callable[[], Any] | None) -> None:
         self.value: Any = None
         self.exception: BaseException | None = None
         if fn is None:
@@ -59,7 +59,6 @@ class _Outcome:
             self.value = fn()
         except Exception as err:  # noqa: BLE001 - any error of the section is carried to the other ranks
             self.exception = err
-        self.section = section
 
     def marker(self, section: str) -> ErrorMarker | None:
         if self.exception is None:
@@ -89,7 +88,7 @@ def rank_local(fn: Callable[[], T], section: str, runs: bool, src: int = 0,
     """Run ``fn`` where ``runs`` (global rank ``src`` must be one of them) and broadcast its result from ``src``
     over ``group``; every rank returns it, or raises if it failed on ``src``. Every rank of ``group`` calls this.
     The broadcast is also the barrier: no rank goes on before ``src`` finished the section."""
-    outcome = _Outcome(section, fn if runs else None)
+    outcome = _Outcome(fn if runs else None)
     if not _distributed(group):
         _raise_first(outcome, [])
         return outcome.value
@@ -103,7 +102,7 @@ def rank_local(fn: Callable[[], T], section: str, runs: bool, src: int = 0,
 def agree(fn: Callable[[], T], section: str, group: dist.ProcessGroup | None = None) -> T:
     """Run ``fn`` on every rank of ``group``, then agree: if it raised anywhere, every rank raises (one
     ``all_gather_object`` of the markers). Every rank of ``group`` calls this at the same point."""
-    outcome = _Outcome(section, fn)
+    outcome = _Outcome(fn)
     if not _distributed(group):
         _raise_first(outcome, [])
         return outcome.value
