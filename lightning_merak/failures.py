@@ -122,9 +122,10 @@ def record_failure(exception: BaseException) -> None:
     own or a consequence of a peer's, and make the process leave as soon as the exception ends the script."""
     global _previous_hook
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    if is_peer_consequence(exception):
-        log.error(f"Merak: rank {rank} stops because a peer rank failed or ended first (its error is in that rank's "
-                  f"output): {str(exception).splitlines()[0] if str(exception) else type(exception).__name__}")
+    reason = peer_reason(exception)
+    if reason is not None:
+        first_line = str(exception).splitlines()[0] if str(exception) else type(exception).__name__
+        log.error(f"Merak: rank {rank} stops because {reason}: {first_line}")
     _failed.append(f"rank {rank}: {type(exception).__name__}")
     if _previous_hook is None:
         _previous_hook = sys.excepthook
@@ -136,12 +137,18 @@ def failed() -> bool:
     return bool(_failed)
 
 
-def is_peer_consequence(exception: BaseException) -> bool:
-    """A communication error or a ``PeerFailure``: this rank failed because another did."""
-    if isinstance(exception, (PeerFailure, dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)):
-        return True
+def peer_reason(exception: BaseException) -> str | None:
+    """Why this rank failed if another rank caused it (a ``PeerFailure``, a communication error), else None."""
+    if isinstance(exception, PeerFailure):
+        return "a peer rank failed in a section this rank waited on"
     text = str(exception)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+    if "Timed out" in text or "timed out" in text:
+        return ("a collective with its peers timed out (a peer is stuck, or the ranks called different "
+                "collectives)")
+    if isinstance(exception, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)) or any(
+            s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
+        return "a peer rank failed or ended first (its error is in that rank's output)"
+    return None
 
 
 def _leave_after_traceback(exc_type: type, exc: BaseException, tb: Any) -> None:

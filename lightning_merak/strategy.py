@@ -499,7 +499,6 @@ class MerakStrategy(ParallelStrategy):
         self.precision_plugin.teardown()
         self.accelerator.teardown()
 
-
     def _process_groups(self) -> list[Any]:
         """The groups this strategy made: the mesh's, and the engine's for weights tied across stages."""
         tied = [grp for grp, _, _ in getattr(self._engine, "tied_groups", [])]
