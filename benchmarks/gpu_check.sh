@@ -197,3 +197,33 @@ section "sub-tensor tensor parallelism (benchmarks/tp_gpu.py)"
 # The tensor-parallel code imports lightning_merak._compat: let it run on this machine's torch build.
 LIGHTNING_MERAK_SKIP_VERSION_CHECK=1 timeout 120 "$PYTHON" benchmarks/tp_gpu.py || echo "tp_gpu.py did not finish"
 
+
+section "a failure on one rank ends every rank fast (NCCL: user error on the last pipeline stage at step 2)"
+# tests/failures/test_failures.py's first case on two GPUs: rank 1 (the last stage) raises inside the schedule
+# while rank 0 waits in an NCCL receive. NCCL needs one GPU per rank, so this skips on a one-GPU machine.
+LIGHTNING_MERAK_SKIP_VERSION_CHECK=1 timeout 150 "$PYTHON" - <<'PY' || echo "the NCCL failure check did not finish"
+import json, tempfile, time
+from pathlib import Path
+
+import torch
+
+from tests.helpers.launch import run_script
+
+gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+if gpus < 2:
+    print(f"skipped: needs 2 CUDA devices (NCCL refuses two ranks on one GPU), found {gpus}")
+    raise SystemExit(0)
+out = Path(tempfile.mkdtemp(prefix="merak-nccl-failure-"))
+cfg = {"accelerator": "gpu", "timeout_s": 300, "fail": {"how": "raise_after_model", "step": 2},
+       "strategy": {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b", "process_group_backend": "nccl"}}
+start = time.time()
+result = run_script("tests/failures/fit.py", str(out), json.dumps(cfg), timeout=120)  # kills the group at 120 s
+ended = time.time()
+after = ended - float((out / "fail_time").read_text()) if (out / "fail_time").exists() else float("nan")
+message = "ValueError: user error after the model call at step 2" in result.stdout
+ok = result.returncode != 0 and message and after < 30
+print(f"exit code {result.returncode}, user's message printed: {message}, every rank ended {after:.1f} s after "
+      f"the failure ({ended - start:.0f} s in all; process-group timeout 300 s): {'OK' if ok else 'FAILED'}")
+if not ok:
+    print(result.stdout[-4000:])
+PY

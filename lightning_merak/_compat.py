@@ -255,3 +255,11 @@ def mha_packed_in_projection(module: torch.nn.MultiheadAttention) -> bool:
 
 
 __all__ += ["hf_init_weights", "mha_packed_in_projection"]
+
+
+# --- process groups alive in this process (torch lists them only privately) ----------------------------------
+def live_process_groups() -> list:
+    """Every process group torch still holds in this process (the default one included)."""
+    from torch.distributed import distributed_c10d
+
+    return list(distributed_c10d._world.pg_map)

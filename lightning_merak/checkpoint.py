@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -47,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lightning_merak import failures
 from lightning_merak._compat import (
     _distributed_is_initialized,
     _EmptyStateDictLoadPlanner,
@@ -253,11 +253,6 @@ def _staging_path(path: Path) -> Path:
     return path.parent / f".merak-partial-{hashlib.sha1(path.name.encode()).hexdigest()[:16]}"
 
 
-def _barrier() -> None:
-    if _distributed_is_initialized():
-        dist.barrier()
-
-
 def _check_replaceable(path: Path) -> None:
     if path.is_dir() and not is_sharded_checkpoint(path) and any(path.iterdir()):
         raise CheckpointError(f"{path} exists and is not a complete Merak checkpoint (no {COMPLETE_FILE}): "
@@ -275,9 +270,8 @@ def save_sharded(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module
     and the partial one in a hidden sibling folder, which the next save to ``path`` clears."""
     _check_replaceable(path)  # on every rank (same file system), so a refusal does not leave peers waiting
     staging = _staging_path(path)
-    if is_rank_zero and staging.exists():
-        shutil.rmtree(staging)
-    _barrier()
+    failures.rank_local(lambda: shutil.rmtree(staging) if staging.exists() else None,
+                        "clearing an earlier partial save", runs=is_rank_zero)
     staging.mkdir(parents=True, exist_ok=True)
     checkpoint = dict(checkpoint)
     checkpoint.pop("state_dict", None)
@@ -286,11 +280,15 @@ def save_sharded(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module
     for i, opt in enumerate(optimizers):
         state[f"optimizer_{i}"] = _optimizer_entry(module, opt, stage, stage_of, tied)
     dcp.save(state, checkpoint_id=staging, no_dist=not _distributed_is_initialized())  # returns once all wrote
-    if is_rank_zero:
+
+    def finish() -> None:
         torch.save(checkpoint, staging / META_FILE)
         _write_synced(staging / COMPLETE_FILE, json.dumps(FORMAT).encode())
         _replace(staging, path)
-    _barrier()
+
+    # rank 0 alone finishes the folder while the others wait: a failure there (an unpicklable entry, a full disk)
+    # is raised on every rank at once instead of leaving them in the barrier
+    failures.rank_local(finish, "writing the checkpoint's meta.pt", runs=is_rank_zero)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

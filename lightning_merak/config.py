@@ -64,20 +64,21 @@ def parse_bytes(value: int | float | str | None, option: str = "memory_budget") 
     return int(number)
 
 
-def _check_trace_dir(trace_dir: object) -> None:
-    """The timeline folder must be creatable and writable: found now, not after the first pipeline step."""
-    if trace_dir is None:
+def _check_folder(option: str, folder: object) -> None:
+    """An output folder (``trace_dir``, ``swap_dir``) must be creatable and writable: found now, not after the
+    first step."""
+    if folder is None:
         return
-    if not isinstance(trace_dir, (str, os.PathLike)) or not str(trace_dir):
-        raise MerakConfigError(f"trace_dir={trace_dir!r} is not a folder path; give a path (str) or None.")
-    existing = os.path.abspath(trace_dir)
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder):
+        raise MerakConfigError(f"{option}={folder!r} is not a folder path; give a path (str) or None.")
+    existing = os.path.abspath(folder)
     while not os.path.exists(existing):  # the nearest existing ancestor is where the folder would be made
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise MerakConfigError(f"trace_dir={trace_dir!r} cannot be created: {existing} is a file, not a folder. "
+        raise MerakConfigError(f"{option}={folder!r} cannot be created: {existing} is a file, not a folder. "
                                "Give a folder path (it is created if missing).")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise MerakConfigError(f"trace_dir={trace_dir!r} cannot be written: {existing} is not writable by this "
+        raise MerakConfigError(f"{option}={folder!r} cannot be written: {existing} is not writable by this "
                                "user. Give a folder you can write to.")
 
 
@@ -108,6 +109,7 @@ class MerakConfig:
     rng: str = "torch"
     zero_stage: int = 0
     batch_loss: str = "auto"
+    swap_dir: str | None = None
     budget_bytes: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -147,7 +149,11 @@ class MerakConfig:
             )
         self._check_zero()
         self.budget_bytes = parse_bytes(self.memory_budget)
-        _check_trace_dir(self.trace_dir)
+        _check_folder("trace_dir", self.trace_dir)
+        _check_folder("swap_dir", self.swap_dir)
+        if self.swap_dir is not None and self.memory_manager != "delta":
+            raise MerakConfigError(f"swap_dir={self.swap_dir!r} is set but nothing uses it: it is where DELTA "
+                                   "swaps activations on CPU-only runs. Set memory_manager='delta', or drop swap_dir.")
         self._check_schedule_rules()
         if self.memory_manager == "delta" and self.pipeline_schedule != "auto" and self.stages_per_rank > 1 \
                 and self.pipeline_parallel_size > 1:

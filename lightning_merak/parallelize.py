@@ -383,7 +383,9 @@ def apply_memory_manager(pipelined: nn.Module, config: MerakConfig) -> Any:
         log.warning(f"Merak: memory_budget not set; DELTA keeps parameters, gradients and saved activations within "
                     f"{DEFAULT_BUDGET_SHARE:.0%} of this device's memory ({budget / 2**30:.2f} GiB). Set "
                     "memory_budget to choose.")
-    return DeltaScheduler(pipelined, budget)
+    # every rank runs one and closes its steps with the others: a failed budget check stops all of them
+    return DeltaScheduler(pipelined, budget, swap_dir=config.swap_dir,
+                          group=dist.group.WORLD if dist.is_initialized() else None)
 
 
 def device_memory(device: torch.device) -> int:

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.distributed.constants import default_pg_timeout
 
 from lightning_merak import checkpoint as ckpt
-from lightning_merak import topology
+from lightning_merak import failures, topology
 from lightning_merak._compat import (
     TrainerFn,
     _distributed_is_initialized,
@@ -77,6 +77,9 @@ class MerakStrategy(ParallelStrategy):
         rng: "torch" (as is) or "microbatch": the generators are reseeded per micro-batch and around every module
             call, so dropout masks are the same in any pipeline layout, schedule and recompute mode, and in one
             process accumulating gradients over the same micro-batches (see ``lightning_merak.rng``).
+        swap_dir: where DELTA's swap file goes on CPU-only runs (created if missing); default: a disk-backed
+            temporary folder (the system one unless it is RAM-backed tmpfs, then /var/tmp), see
+            ``memory.swap.default_swap_dir``.
         zero_stage: 0 (every data-parallel replica holds the whole optimizer state), 1 (each replica owns a
             balanced share of the parameters by bytes, keeps optimizer state for those only, steps them and
             all-gathers the new values) or 2 (as 1, and gradients are reduce-scattered instead of all-reduced, so
@@ -113,6 +116,7 @@ class MerakStrategy(ParallelStrategy):
         rng: Literal["torch", "microbatch"] = "torch",
         zero_stage: Literal[0, 1, 2] = 0,
         batch_loss: Literal["auto", "whole", "microbatch"] = "auto",
+        swap_dir: Optional[str] = None,
         accelerator: Optional[pl.accelerators.Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -132,6 +136,7 @@ class MerakStrategy(ParallelStrategy):
             subtensor_chunks=subtensor_chunks, memory_manager=memory_manager, memory_budget=memory_budget,
             pipeline_module=pipeline_module, trace_dir=trace_dir, rng=rng, zero_stage=zero_stage,
             batch_loss=batch_loss,
+            swap_dir=swap_dir,
         )
         if start_method != "popen":
             raise MerakConfigError(
@@ -145,6 +150,7 @@ class MerakStrategy(ParallelStrategy):
         self._device_mesh: Optional[DeviceMesh] = None
         self._engine: Any = None  # built in setup: PipelineEngine (pp > 1) or LocalEngine; steps delegate to it
         self._data_parallel: dict[int, Any] = {}  # id(optimizer) -> its Replicated/ShardedOptimizer (zero.py)
+        self._run_failed = False  # set by on_exception: teardown then runs no collective
         self.num_nodes = 1
 
     # ----------------------------------------------------------------------------------------- topology
@@ -214,8 +220,20 @@ class MerakStrategy(ParallelStrategy):
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         device_id = self.root_device if self.root_device.type != "cpu" else None
+        if not _distributed_is_initialized():
+            topology.own_default_group()  # destroyed at exit; another strategy in this process reuses it
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout, device_id=device_id)
-        self._device_mesh = topology.build_mesh(self.root_device.type, dp, pp, tp, timeout=self._timeout)
+        if self._device_mesh is not None:  # validate/test after fit with this Trainer: its stage holds these groups
+            if not topology.reclaim(self._process_groups()):
+                raise RuntimeError(
+                    "This MerakStrategy's process groups were destroyed when another MerakStrategy was set up in this "
+                    "process, so its pipeline stage and tensor-parallel shards cannot run again. Build a new Trainer "
+                    "and LightningModule (or load a checkpoint) for further runs."
+                )
+        else:
+            topology.destroy_retired()  # earlier strategies' groups: one set of groups per process at a time
+            self._device_mesh = topology.build_mesh(self.root_device.type, dp, pp, tp, timeout=self._timeout)
+        self._run_failed = False
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
         hosts = [None] * self.world_size
@@ -458,20 +476,40 @@ class MerakStrategy(ParallelStrategy):
         """The rank that speaks for its pipeline stage: data- and tensor-parallel coordinate 0."""
         return topology.local_rank(self._device_mesh, "dp") == 0 and topology.local_rank(self._device_mesh, "tp") == 0
 
+    # ----------------------------------------------------------------------------------------- failures
+    def on_exception(self, exception: BaseException) -> None:
+        """A failure on this rank must not leave its peers waiting for the timeout: the process leaves as soon as
+        the exception has ended the script (``lightning_merak.failures``); teardown then skips its collectives."""
+        self._run_failed = True
+        if self.world_size > 1:
+            failures.record_failure(exception)
+
     # ----------------------------------------------------------------------------------------- teardown
     def teardown(self) -> None:
-        """End of a fit/validate/test/predict: report DELTA's ledger; the engine removes every hook and wrapper it
-        installed. The module stays pruned to this rank's stage, so a later validate/test with this Trainer
-        reuses it (``setup`` attaches the engine again)."""
+        """End of a fit/validate/test/predict: report DELTA's ledger; the engine closes DELTA and removes every hook
+        and wrapper it installed; then, once nothing is in flight on any rank (async all-reduces, pipeline
+        sends and receives: ``topology.quiesce``), the process groups the strategy made are retired. The module
+        stays pruned to this rank's stage, so a later validate/test with this Trainer reuses it and its groups
+        (``setup`` attaches the engine again); the next strategy set up in this process, or the process's exit,
+        destroys them (``topology``)."""
         if self._engine is not None:
             report = self._engine.memory_report(self.global_rank)
             if report is not None and self._first_of_stage():
                 print(report, flush=True)
             self._engine.teardown()
+        if self._device_mesh is not None:
+            if not self._run_failed:  # after a failure a peer may be gone: no collective
+                topology.quiesce(self.root_device)
+            topology.retire(self._process_groups())
         assert self.cluster_environment is not None and self.accelerator is not None
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
+
+    def _process_groups(self) -> list[Any]:
+        """The groups this strategy made: the mesh's, and the engine's for weights tied across stages."""
+        tied = [grp for grp, _, _ in getattr(self._engine, "tied_groups", [])]
+        return topology.mesh_groups(self._device_mesh) + tied
 
 
 def _named_tensors(module: Any) -> list[tuple[str, Tensor]]:

@@ -2,10 +2,17 @@
 
 Rank layout: tp is the innermost dimension (adjacent ranks, the fastest links on a node), then pp, then dp,
 as in Megatron-LM and Merak. Global rank = (dp_rank * pp + pp_rank) * tp + tp_rank.
+
+Lifetime of the groups: a run ends with ``quiesce`` (nothing of it is left in flight), then its strategy
+``retire``s the groups it made. They stay usable for a later validate/test with the same Trainer (its stage and
+tensor-parallel shards hold them), and are destroyed when another strategy builds its mesh
+(``destroy_retired``: repeated fits in one process hold one set of groups, not one per fit) or when the process
+exits (``destroy_at_exit``: gloo's and NCCL's threads end before the interpreter does).
 """
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -13,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_merak._compat import local_shard
+from lightning_merak._compat import live_process_groups, local_shard
 
 MESH_DIMS = ("dp", "pp", "tp")
 
@@ -54,6 +61,74 @@ def build_mesh(device_type: str, dp: int, pp: int, tp: int, timeout: timedelta |
                 mine = made
         groups.append(mine)
     return DeviceMesh.from_group(groups, device_type, mesh=layout, mesh_dim_names=MESH_DIMS)
+
+
+def mesh_groups(mesh: DeviceMesh | None) -> list[dist.ProcessGroup]:
+    """The groups ``build_mesh`` made for ``mesh`` (a dimension spanning the world uses the default group)."""
+    if mesh is None:
+        return []
+    return [g for g in (group(mesh, d) for d in MESH_DIMS) if g is not None and g is not dist.group.WORLD]
+
+
+# ------------------------------------------------------------------------------------------- group lifetime
+_retired: list[dist.ProcessGroup] = []  # groups of finished runs, destroyed by the next mesh or at exit
+_made_default = False  # whether the default group is ours to destroy at exit (not the user's own)
+
+
+def quiesce(device: torch.device) -> None:
+    """Wait until nothing this run started is still in flight on this rank or its peers: the device's queued work
+    (NCCL collectives, DELTA's side-stream copies), then a barrier over the world. Every pipeline send has been
+    received and every async all-reduce joined once all ranks are here, so destroying the groups (or exiting)
+    cannot cut one off. Every rank calls this, at the end of a run that ended normally everywhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def retire(groups: list[dist.ProcessGroup]) -> None:
+    """Hand over the groups of a finished run (see the module docstring)."""
+    for g in groups:
+        if g is not dist.group.WORLD and all(g is not r for r in _retired):
+            _retired.append(g)
+
+
+def reclaim(groups: list[dist.ProcessGroup]) -> bool:
+    """Take back retired groups for another run of the same strategy; False if any was destroyed meanwhile."""
+    alive = all(_is_live(g) for g in groups)
+    _retired[:] = [r for r in _retired if all(r is not g for g in groups)]
+    return alive
+
+
+def destroy_retired() -> None:
+    """Destroy every retired group (local: other ranks do the same at the same point of their program)."""
+    for g in reversed(_retired):
+        if _is_live(g):
+            dist.destroy_process_group(g)
+    _retired.clear()
+
+
+def _is_live(g: dist.ProcessGroup) -> bool:
+    return dist.is_initialized() and any(g is live for live in live_process_groups())
+
+
+def own_default_group() -> None:
+    """The strategy initialised torch.distributed: its default group is destroyed at exit too."""
+    global _made_default
+    _made_default = True
+
+
+@atexit.register
+def destroy_at_exit() -> None:
+    """Every group this package made, then the default group if it made that too, before the interpreter ends
+    (gloo's worker threads outliving it abort the process: "terminate called without an active exception").
+    Destroying returns at once even with an operation in flight; after a failure the process leaves before this
+    (``failures``)."""
+    if not dist.is_initialized():
+        return
+    destroy_retired()
+    if _made_default:
+        dist.destroy_process_group()
 
 
 def topology_table(dp: int, pp: int, tp: int, hosts: list[str] | None = None) -> str:
@@ -148,3 +223,8 @@ def sync_metrics_over(module: torch.nn.Module, grp: dist.ProcessGroup | None) ->
     for sub in module.modules():
         if isinstance(sub, Metric) and sub.process_group is None:
             sub.process_group = grp
+
+
+def live_group_count() -> int:
+    """Process groups alive in this process, the default one included (0 without torch.distributed)."""
+    return len(live_process_groups()) if dist.is_initialized() else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +33,7 @@ class Scheduler(ReplayScheduler, Protocol):
     """What a forward run asks of the scheduler that opened it (``scheduler.DeltaScheduler``; a protocol
     keeps this module below that one). Read live: plans are added and the allowance changes as it runs."""
 
-    plans: dict[tuple | None, Plan]
+    plans: Mapping[tuple | None, Plan]  # a ShapeCache: bounded, least recently used dropped first
     min_swap_bytes: int
     prefetch_depth: int
 

@@ -10,7 +10,8 @@ Mechanism (reference/delta.md section 6), one module per part:
   backward, bitwise (``replay.py``).
 - The first ``profile_steps`` steps for each input signature swap every storage above ``min_swap_bytes``
   (memory-safe whatever the budget) and measure bytes, lifetimes, segment times and bandwidth; then the
-  planner's filter and director fix the decisions for that signature. A new signature is profiled anew.
+  planner's filter and director fix the decisions for that signature. A new signature is profiled anew; the
+  plans (and profiles) of the ``PLAN_CACHE`` most recently used signatures are kept.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from lightning_merak import failures
 from lightning_merak._compat import local_shard
 from lightning_merak.config import MerakConfigError, parse_bytes
 from lightning_merak.intercept import ForwardWrap, wrap_forward
@@ -33,7 +36,10 @@ from lightning_merak.memory.profiler import ForwardProfile, segment_tree
 from lightning_merak.memory.run import ForwardRun
 from lightning_merak.memory.swap import SwapTier, make_tier
 from lightning_merak.trace import shape_signature
+from lightning_merak.trace.capture import ShapeCache
 from lightning_merak.units import format_bytes
+
+PLAN_CACHE = 8  # input-shape signatures whose plan and profiles are kept (least recently used dropped first)
 
 
 class DeltaScheduler:
@@ -44,10 +50,14 @@ class DeltaScheduler:
         memory_budget: bytes per device, or a string like ``"20GiB"``. It covers parameters, their
             gradients and saved activations: the activation allowance is ``budget - 2 * parameter bytes``.
         profile_steps: steps profiled per input signature before decisions are planned.
-        swap_dir: directory of the swap file on CPU-only runs (default: the system temp dir).
+        swap_dir: directory of the swap file on CPU-only runs (default: ``swap.default_swap_dir()``, a
+            disk-backed temporary folder: swapping into a RAM-backed /tmp would save no memory).
         swap_bandwidth: override the measured swap bandwidth (bytes/s), e.g. to study the director.
         min_swap_bytes: storages smaller than this are always kept.
         prefetch_depth: swapped storages fetched ahead of use in backward.
+        group: the process group whose ranks each run a scheduler and close their steps together (the
+            strategy's world); the minimum-budget check, which fails on some stages only, then fails on all
+            of them at once (``failures.agree``). None: this process alone.
     """
 
     def __init__(
@@ -59,6 +69,7 @@ class DeltaScheduler:
         swap_bandwidth: float | None = None,
         min_swap_bytes: int = 4096,
         prefetch_depth: int = 4,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         budget = parse_bytes(memory_budget, "memory_budget")
         if budget is None:
@@ -76,8 +87,9 @@ class DeltaScheduler:
         self.device = local_shard(first).device if first is not None else torch.device("cpu")
         self.ledger = MemoryLedger(budget, sum(params.values()), self.device)
         self.param_storages: set[int] = set()
-        self.plans: dict[tuple | None, Plan] = {}
-        self.profiles: dict[tuple | None, list[ForwardProfile]] = {}
+        self.plans: ShapeCache[Plan] = ShapeCache(PLAN_CACHE)
+        self.profiles: ShapeCache[list[ForwardProfile]] = ShapeCache(PLAN_CACHE)
+        self.group = group
         self.bandwidth: tuple[float, float] | None = None
         self.in_flight = 1
         self._tiers: dict[torch.device, SwapTier] = {}
@@ -85,6 +97,7 @@ class DeltaScheduler:
         self._forwards_since_backward = 0
         self._active: list[ForwardRun] = []
         self._checked = False
+        self._agreed = False  # the first end_step agrees on the budget check over ``group``
         self.segments = segment_tree(module)
         self._wraps: list[ForwardWrap] = []
         self._pre_hook: Any = None
@@ -128,9 +141,14 @@ class DeltaScheduler:
         phase = "profile" if profiled else "planned"
         for run in profiled:
             self.profiles.setdefault(run.signature, []).append(run.profile)
-        if profiled and not self._checked:
-            self._checked = True
-            self._check_budget(profiled[-1].profile)
+        first = profiled[-1].profile if profiled and not self._checked else None
+        self._checked = self._checked or first is not None
+        if not self._agreed:  # the first step closed, on every rank of the group at once: fail on all or none
+            self._agreed = True
+            failures.agree(lambda: self._check_budget(first) if first is not None else None,
+                           "DELTA's memory budget check", self.group)
+        elif first is not None:
+            self._check_budget(first)
         for run in profiled:
             done = self.profiles[run.signature]
             if len(done) >= self.profile_steps and run.signature not in self.plans:

@@ -9,7 +9,9 @@ Two tiers, one interface (``swap_out`` at pack time, ``swap_in`` ahead of use, `
 - :class:`FileSwapTier` (CPU-only runs): an unlinked temporary file written with ``pwrite`` and read back
   with ``pread`` on a prefetch thread. Swapped bytes then live in the kernel's page cache, which is not
   part of the process's resident set, so RSS really drops. (A shared ``mmap`` would count the written
-  pages in RSS again, which is why the file is not mapped.)
+  pages in RSS again, which is why the file is not mapped.) The file goes to ``swap_dir``, by default a
+  disk-backed temporary folder (``default_swap_dir``): on a RAM-backed /tmp (tmpfs) the swapped bytes would
+  stay in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -58,6 +61,45 @@ class SwapTier:
         """Free what the tier holds."""
 
 
+RAM_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def filesystem_type(path: str | os.PathLike) -> str | None:
+    """The type of the file system holding ``path`` ("ext4", "tmpfs", ...), from the longest matching mount
+    point in /proc/mounts; None where that is unreadable (not Linux)."""
+    try:
+        with open("/proc/mounts") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")  # /proc/mounts escapes spaces in paths
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def default_swap_dir() -> str:
+    """Where the swap file goes when no ``swap_dir`` is given: the system temporary folder (``TMPDIR``) unless it
+    is RAM-backed, then ``/var/tmp`` (kept on disk by convention), then ``~/.cache``; the RAM-backed folder only
+    if none of those is writable, with a warning (swapping there saves no memory)."""
+    temp = tempfile.gettempdir()
+    for folder in (temp, "/var/tmp", os.path.join(os.path.expanduser("~"), ".cache")):
+        if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK) \
+                and filesystem_type(folder) not in RAM_FILESYSTEMS:
+            return folder
+    warnings.warn(f"DELTA: the temporary folder {temp} is RAM-backed ({filesystem_type(temp)}) and no disk-backed "
+                  "folder was found, so swapped activations stay in memory. Set MerakStrategy(swap_dir=...) to a "
+                  "folder on disk.", stacklevel=2)
+    return temp
+
+
 class _Done:
     def __init__(self, value: torch.Tensor) -> None:
         self.value = value
@@ -82,7 +124,9 @@ class FileSwapTier(SwapTier):
     read_overlaps = False  # the prefetch thread copies with the same cores the compute uses
 
     def __init__(self, swap_dir: str | os.PathLike | None = None) -> None:
-        fd, path = tempfile.mkstemp(prefix="delta-swap-", suffix=".bin", dir=swap_dir)
+        self.swap_dir = os.fspath(swap_dir) if swap_dir is not None else default_swap_dir()
+        os.makedirs(self.swap_dir, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="delta-swap-", suffix=".bin", dir=self.swap_dir)
         os.unlink(path)  # the file disappears with the process, even after a crash
         self._fd = fd
         self._end = 0

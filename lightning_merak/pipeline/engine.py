@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
+from lightning_merak import failures
 from lightning_merak._compat import local_shard, tree_flatten, tree_map
 from lightning_merak.pipeline.microbatch import PipelineInputError
 from lightning_merak.pipeline.plan.choose import ScheduleDecision
@@ -352,12 +353,14 @@ class PipelineEngine:
         replicas), then rebuild the schedules with the new schedule and recompute ratios."""
         events: list[Any] = [None] * self.pp_size
         dist.all_gather_object(events, schedule.timeline_events, group=self.pp_group)
-        payload: list[Any] = [None]
-        if dist.get_rank() == 0:
+
+        def decide() -> tuple[str, tuple[float, ...], str]:
             decision = self.auto.remeasured([e for rank_events in events for e in rank_events], global_step)
-            payload = [(decision.name, decision.ratios, decision.reason)]
-        dist.broadcast_object_list(payload, src=0)
-        name, ratios, reason = payload[0]
+            return decision.name, decision.ratios, decision.reason
+
+        # on rank 0 alone while the others wait in the broadcast: an error there is raised on every rank
+        name, ratios, reason = failures.rank_local(decide, "pipeline_schedule='auto''s re-choice",
+                                                   runs=dist.get_rank() == 0)
         rank_zero_info(f"Merak pipeline_schedule='auto', {reason}")
         self.auto.settle(ScheduleDecision(name, tuple(ratios), reason))
         self.use_schedule(name)

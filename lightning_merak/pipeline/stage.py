@@ -23,6 +23,7 @@ from lightning_merak._compat import strip_module_state, tensor_parallel_mesh, tr
 from lightning_merak.intercept import wrap_forward
 from lightning_merak.partition.plan import OUTPUT, PartitionPlan, first_read_after
 from lightning_merak.trace import Capture, capture, meta_twin, shape_signature
+from lightning_merak.trace.capture import CAPTURE_CACHE, ShapeCache
 
 
 class _Stop(Exception):
@@ -64,7 +65,7 @@ class StageModule(nn.Module):
         if device is None:  # where this stage's parameters are (a meta-built module: pass the device)
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
         object.__setattr__(self, "device", device)
-        self._signatures: dict[tuple, Capture] = {}
+        self._signatures: ShapeCache[Capture] = ShapeCache(CAPTURE_CACHE)
         self._hooks: list[Any] = []
         self.install_hooks()
         units.stages.append(self)

@@ -12,8 +12,10 @@ check), the capture retries on a CPU twin with zero weights. No ``torch.fx``, no
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -271,3 +273,49 @@ def shape_signature(args: tuple, kwargs: dict) -> tuple:
     leaves = tree_flatten((args, kwargs))[0]
     return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor)
                  else (t if isinstance(t, _BY_VALUE) else type(t).__name__) for t in leaves)
+
+
+CAPTURE_CACHE = 8  # proxy captures kept per stage, one per input-shape signature (least recently used dropped first)
+
+V = TypeVar("V")
+
+
+class ShapeCache(MutableMapping[tuple, V]):
+    """Values per ``shape_signature``, the least recently used dropped beyond ``size`` entries: batches padded to
+    their own length bring a new shape each, and a run must not keep one capture, schedule or DELTA plan per
+    shape it ever saw. Reading or writing an entry makes it the most recent; iterating does not."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"ShapeCache(size={size}) must hold at least one entry")
+        self.size = size
+        self._data: OrderedDict[tuple, V] = OrderedDict()
+
+    def __getitem__(self, key: tuple) -> V:
+        value = self._data[key]
+        self._data.move_to_end(key)
+        return value
+
+    def __setitem__(self, key: tuple, value: V) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def __delitem__(self, key: tuple) -> None:
+        del self._data[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def values(self):  # noqa: ANN201 - a view, without touching recency
+        return self._data.values()
+
+    def items(self):  # noqa: ANN201
+        return self._data.items()
