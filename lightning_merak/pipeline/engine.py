@@ -306,16 +306,15 @@ class PipelineEngine:
                 inputs, whole_call = self._capture_inputs(step, batch, micro, batch_idx, args, rng_batch,
                                                           whole=True, quiet=True)
                 received = [self._forward_stages(*call, run_last=False)[0] for call in inputs]
-                verdict = None
-                if self.holds_last:
-                    verdict = self._probe_verdict(step, batch, micro, batch_idx, args, rng_batch, inputs,
-                                                  whole_call, received)
+                verdict = failures.rank_local(
+                    lambda: self._probe_verdict(step, batch, micro, batch_idx, args, rng_batch, inputs, whole_call,
+                                                received),
+                    "the last stage's test of whether the loss couples the batch", runs=self.holds_last,
+                    src=self.last_rank, group=self.pp_group)
         finally:
             for mod, training in modes.items():
                 mod.training = training
-        payload = [verdict]
-        dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
-        self._settle_batch_loss(payload[0])
+        self._settle_batch_loss(verdict)
 
     def _probe_verdict(self, step: Any, batch: Any, micro: list[Any], batch_idx: int, args: tuple, rng_batch: int,
                        inputs: list, whole_call: tuple, received: list) -> tuple:
@@ -382,14 +381,14 @@ class PipelineEngine:
 
     def _finish_step(self) -> StepResult:
         """Broadcast the batch loss and the logged values from the last stage, for every rank to replay."""
-        payload = [None]
-        if self.holds_last:
+        def summary() -> tuple[float, dict]:
             runner = self.last_runner
-            loss = sum(float(loss_of(o).detach()) * w for o, w in runner.step_outputs)
-            payload = [(loss, runner.recorder.summary(self.lightning_module))]
             runner.whole = None
-        dist.broadcast_object_list(payload, src=self.last_rank, group=self.pp_group)
-        loss, logged = payload[0]
+            loss = sum(float(loss_of(o).detach()) * w for o, w in runner.step_outputs)
+            return loss, runner.recorder.summary(self.lightning_module)
+
+        loss, logged = failures.rank_local(summary, "the last stage's loss and logs", runs=self.holds_last,
+                                           src=self.last_rank, group=self.pp_group)
         return StepResult(torch.tensor(loss, device=self.device), logged)
 
     def _settle_batch_loss(self, verdict: tuple) -> None:
