@@ -121,7 +121,9 @@ def test_router_logits_are_carried_to_the_aux_loss(num_stages):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         plan = plan_model(model, ((), batch), num_stages)
-    assert plan.balance <= 1.15, plan.table()
+    # the same cuts as without the aux loss: the router logits no longer forbid any
+    assert plan.cuts == plan_model(_mixtral(router_logits=False, layers=6)[0], ((), batch), num_stages).cuts
+    assert plan.balance <= (1.15 if num_stages == 2 else 1.2), plan.table()
     carried = [[b for b in s.boundary if b.via.startswith("hooked output")] for s in plan.stages[:-1]]
     layers_before = [sum(u.startswith("model.layers.") for st in plan.stages[:i + 1] for u in st.units)
                      for i in range(num_stages - 1)]
@@ -131,7 +133,7 @@ def test_router_logits_are_carried_to_the_aux_loss(num_stages):
     want = reference(**batch)
     want.loss.backward()
     got, grads = run_pipelined(model, plan, batch, lambda out: out.loss)
-    assert float(want.aux_loss) > 0
+    assert want.aux_loss.item() > 0
     torch.testing.assert_close(got.aux_loss, want.aux_loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=0)
     assert_same_grads(grads, reference)
