@@ -78,6 +78,24 @@ def test_returned_tensor_no_later_block_reads_reaches_the_last_stage(cuts):
     assert_same_grads(grads, reference)
 
 
+class ReturnsParentMade(ReturnsEarlyHidden):
+    def forward(self, x):
+        h = self.blocks[0](x)
+        mid = 2 * h   # made by the parent's own code: no block call hands it over
+        for block in self.blocks[1:]:
+            h = torch.tanh(block(h))
+        return h, mid
+
+
+def test_returned_tensor_the_parent_made_forbids_the_cut():
+    from lightning_merak.partition import PartitionError
+
+    with pytest.raises(PartitionError, match=r"cannot start a stage at 'blocks.3': tensor of shape \(3, 8\) made "
+                                             r"from `blocks.0`'s output by the parent's own code is returned by the "
+                                             r"module \(output leaf 1\)"):
+        plan_model(ReturnsParentMade(), (torch.randn(3, 8),), 2, partition=["blocks.3"])
+
+
 def test_hidden_states_output_reaches_the_last_stage():
     """Llama with ``output_hidden_states=True``: transformers records each layer's output by a hook; the early
     layers' ones are read by no later layer but returned."""
