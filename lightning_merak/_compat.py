@@ -46,7 +46,7 @@ from lightning.fabric.utilities.distributed import (  # noqa: E402
 from lightning.fabric.utilities.optimizer import _optimizers_to_device  # noqa: E402
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map  # noqa: E402
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402
 
 # DCP's planner that loads every entry of a checkpoint (no template state dict)
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner  # noqa: E402
@@ -128,6 +128,7 @@ __all__ = [
     "tree_flatten",
     "tree_leaves",
     "tree_map",
+    "tree_unflatten",
 ]
 
 # --- tensor parallel ----------------------------------------------------------------------------------
@@ -169,7 +170,13 @@ def hook_free_memo(module: torch.nn.Module) -> dict[int, object]:
     return memo
 
 
-__all__ += ["hook_free_memo"]
+def has_forward_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has forward hooks of its own (a private dict): a value it returns may be collected by
+    one (transformers' output recorders: router logits, hidden states) and read outside the block that ran it."""
+    return bool(module._forward_hooks)
+
+
+__all__ += ["hook_free_memo", "has_forward_hooks"]
 
 # --- module state surgery -----------------------------------------------------------------------------
 # A pipeline stage keeps blocks of other stages as structure only. nn.Module has no public way to turn a

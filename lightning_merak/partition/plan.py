@@ -1,13 +1,20 @@
 """Partition plans: legal cuts on the proxy graph, stages balanced by dynamic programming.
 
 A cut before unit k is *legal* when every tensor made before it from the parameters of earlier units and used
-after it is, at its first use after the cut, an argument of a unit call: the next stage then receives it and
-writes it into that argument (see ``pipeline/stage.py``), or it is only returned by the module (one tower's
-embedding in a two-tower model): the next stages carry it to the last, which returns it. Parameter-free work on
-the batch (masks, rotary tables, position ids) carries no taint, so every stage recomputes it. A tensor first used
-after the cut by the parent's own code (a residual inside a block) makes the cut illegal. Among legal cuts the
-stages minimise the most expensive stage (forward + backward = 3 x forward FLOPs), ties broken by fewer bytes
-crossing.
+after it can be handed over (see ``pipeline/stage.py``):
+
+- at its first use after the cut it is an argument of a unit call: the next stage receives it and writes it
+  into that argument;
+- or it is *carried*: first used by the parent's own code or returned by the module (a hidden state in the
+  output, the router logits transformers collects from every layer for the MoE auxiliary loss), and made as a
+  leaf of a unit call's output or of a hooked inner module's output (the trace's ``made``/``side`` sites). Each
+  later stage receives it, hands it back at that site when the stub of that call runs (the stub's output, or the
+  hooked module's hooks called with it), and sends it on while anything after the next cut still reads it.
+
+Parameter-free work on the batch (masks, rotary tables, position ids) carries no taint, so every stage
+recomputes it. A tensor first used after the cut by the parent's own code and made by it too (a residual inside
+a block) makes the cut illegal. Among legal cuts the stages minimise the most expensive stage (forward +
+backward = 3 x forward FLOPs), ties broken by fewer bytes crossing.
 """
 
 from __future__ import annotations
@@ -40,31 +47,37 @@ def crossing(cap: Capture, k: int) -> tuple[list[int], str | None]:
         if not after:
             continue
         first = after[0][1]
-        if first[0] not in ("call", "output"):
+        if first[0] != "call" and not (info["made"] or info["side"]):
             producer = cap.units[max(u for u in info["taint"] if u < k)]
+            if first[0] == "output":
+                return [], (f"tensor of shape {info['shape']} made from `{producer}`'s output by the parent's own "
+                            f"code is returned by the module (output leaf {first[1]}), and no block hands it over")
             return [], (f"tensor of shape {info['shape']} made by `{producer}` is read after the cut by the "
                         f"parent's own code (`{first[1]}`) before any block receives it")
         keys.append(key)
     return keys, None
 
 
-#: the "call index" of a tensor's first read after a cut when that read is the module's return value
-OUTPUT = -1
-
-
-def first_read_after(cap: Capture, key: int, k: int) -> tuple[int, int]:
-    """(call index, argument leaf) of the first read of ``key`` after the cut before unit k; (``OUTPUT``, leaf
-    of the return value) when the module only returns it."""
+def sites(cap: Capture, key: int, k: int) -> tuple[tuple, ...]:
+    """Where the stages on either side of the cut before unit k meet the crossing tensor ``key``: one
+    ``("call", c, arg)`` when its first use after the cut is a block argument (the sender takes it there, the
+    receiver writes it there); for a carried tensor, where it was made, ``("out", c, leaf)`` and/or
+    ``("side", c, module, n, leaf)`` (the first is where the sender takes it; the receiver hands it back at each)."""
     start = cap.calls[cap.first_call[k]].time
-    r = next(r for r in cap.tensors[key]["reads"] if r[0] >= start)
-    return (OUTPUT, r[1][1]) if r[1][0] == "output" else (r[1][1], r[1][2])
+    info = cap.tensors[key]
+    r = next(r for r in info["reads"] if r[0] >= start)
+    if r[1][0] == "call":
+        return (("call", r[1][1], r[1][2]),)
+    return tuple(s for s in (info["made"], info["side"]) if s)
 
 
 @dataclass
 class Boundary:
     """One tensor crossing to the next stage: ``identity`` is its key in the capture, ``producer`` the last
     block it depends on, ``consumers`` the later blocks that take it as an argument (a skip edge such as an
-    encoder output lists blocks several stages ahead: intermediate stages carry it through)."""
+    encoder output lists blocks several stages ahead: intermediate stages carry it through). ``via``: how the
+    next stage takes it, ``"argument"`` of its first consumer, or for a carried tensor the ``"output of `block`"``
+    or ``"hooked output of `module`"`` it is handed back as."""
 
     identity: int
     shape: tuple[int, ...]
@@ -72,6 +85,7 @@ class Boundary:
     bytes: int
     producer: str
     consumers: list[str]
+    via: str = "argument"
 
 
 @dataclass
@@ -293,15 +307,8 @@ def _warn_if_forced_imbalance(module: nn.Module, units: list[str], cost: list[in
     if better >= balance - 0.05 or not blocked:
         return
     k = blocked[0]
-    config = next((m.config for m in module.modules() if getattr(getattr(m, "config", None), "output_router_logits",
-                                                                 False)), None)
-    if config is not None:
-        advice = ("It is the router logits transformers collects from every layer for the auxiliary load-balancing "
-                  "loss (config.output_router_logits=True): set model.config.output_router_logits = False to cut "
-                  "between any layers (the auxiliary loss is then not computed), or keep it with this balance.")
-    else:
-        advice = ("Let the model hand that tensor to a later block as an argument (or not keep it at all), pass "
-                  "partition=[...] with other legal cut points, or use fewer pipeline stages.")
+    advice = ("Let the model hand that tensor to a later block as an argument, return it from a block (or not "
+              "keep it at all), pass partition=[...] with other legal cut points, or use fewer pipeline stages.")
     warnings.warn(f"{type(module).__name__}: the legal cuts give a stage balance of {balance:.2f} (most expensive "
                   f"stage over the mean), cuts at {[units[c] for c in ideal]} would give {better:.2f}, but starting "
                   f"a stage at `{units[k]}` is illegal: {reasons[k]} (in {type(module).__name__}.forward or a "
@@ -326,9 +333,11 @@ def _boundary(cap: Capture, key: int, k: int) -> Boundary:
     consumers = sorted({cap.units[cap.calls[r[1][1]].unit] for r in info["reads"]
                         if r[1][0] == "call" and cap.calls[r[1][1]].unit >= k},
                        key=cap.units.index)
-    consumers += ["(returned)"] if any(r[1][0] == "output" for r in info["reads"]) else []
+    where = sites(cap, key, k)[0]
+    via = ("argument" if where[0] == "call" else f"output of `{cap.units[cap.calls[where[1]].unit]}`"
+           if where[0] == "out" else f"hooked output of `{where[2]}`")
     return Boundary(key, tuple(info["shape"]), str(info["dtype"]).removeprefix("torch."), _nbytes(info),
-                    cap.units[max(u for u in info["taint"] if u < k)], consumers)
+                    cap.units[max(u for u in info["taint"] if u < k)], consumers, via)
 
 
 def _balanced_cuts(cost: list[int], legal: list[int], num_stages: int, cut_bytes: dict[int, int]) -> list[int]:

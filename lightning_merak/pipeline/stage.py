@@ -5,9 +5,14 @@ parameters or buffers (they become plain meta tensors, so ``block.weight.dtype``
 forward returns zeros shaped as the proxy capture recorded for that call. Parameter-free blocks (dropout,
 rotary tables) run for real on every stage. At the first use of each tensor the previous stage sends, the
 received value is written in place into that argument (``copy_`` under autograd, so consumers, the parent's
-locals included, see it and gradients flow back to the receive buffer). Once every tensor the next stage
-needs has been seen as an argument of a later block, the forward stops and returns them. Owned blocks keep
-their original names: optimizers see only local parameters and checkpoints are topology-free.
+locals included, see it and gradients flow back to the receive buffer). A *carried* tensor (read by the parent's
+code or returned, never a later block's argument: ``partition/plan.py``) is handed back where the one-process
+forward made it: as that leaf of the (stub's) output of the block call that made it, or by calling the hooked
+inner module that returned it (its forward replaced by the received value), so that its hooks (transformers'
+router-logit and hidden-state recorders) collect it as they would have. Once every tensor the next stage needs
+has been seen (as an argument of a later block, or at the site a carried one is made, received ones included),
+the forward stops and returns them. Owned blocks keep their original names: optimizers see only local
+parameters and checkpoints are topology-free.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_merak._compat import strip_module_state, tensor_parallel_mesh, tree_flatten, tree_map
+from lightning_merak._compat import (
+    strip_module_state,
+    tensor_parallel_mesh,
+    tree_flatten,
+    tree_map,
+    tree_unflatten,
+)
 from lightning_merak.intercept import wrap_forward
-from lightning_merak.partition.plan import OUTPUT, PartitionPlan, first_read_after
+from lightning_merak.partition.plan import PartitionPlan, sites
 from lightning_merak.trace import Capture, capture, meta_twin, shape_signature
 from lightning_merak.trace.capture import CAPTURE_CACHE, ShapeCache
 
@@ -59,9 +70,24 @@ class StageModule(nn.Module):
         k_in = st.first
         self.recv_keys = plan.stages[stage_index - 1].sends if stage_index > 0 else []
         self.send_keys = st.sends
-        self.recv_at = {first_read_after(cap, key, k_in): i for i, key in enumerate(self.recv_keys)}
         k_out = st.first + len(st.units)
-        self.send_at = {first_read_after(cap, key, k_out): i for i, key in enumerate(self.send_keys)}
+        # per tensor, the sites where it is received (all of them) and taken to send (the first): partition.sites
+        self.recv_sites = [sites(cap, key, k_in) for key in self.recv_keys]
+        self.send_sites = [sites(cap, key, k_out)[0] for key in self.send_keys]
+        self.recv_at = {where[1:]: i for i, (where, *_) in enumerate(self.recv_sites) if where[0] == "call"}
+        self.send_at = {where[1:]: i for i, where in enumerate(self.send_sites) if where[0] == "call"}
+        self.recv_carried: dict[int, list[tuple[tuple, int]]] = {}   # call -> [(site, received index)]
+        for i, found in enumerate(self.recv_sites):
+            for where in found:
+                if where[0] != "call":
+                    self.recv_carried.setdefault(where[1], []).append((where, i))
+        self.send_outs: dict[int, list[tuple[int, int]]] = {}         # call -> [(output leaf, send index)]
+        self.send_sides: dict[tuple, list[tuple[int, int]]] = {}      # (call, module, n) -> [(leaf, send index)]
+        for j, where in enumerate(self.send_sites):
+            if where[0] == "out":
+                self.send_outs.setdefault(where[1], []).append((where[2], j))
+            elif where[0] == "side":
+                self.send_sides.setdefault(where[1:4], []).append((where[4], j))
         if device is None:  # where this stage's parameters are (a meta-built module: pass the device)
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
         object.__setattr__(self, "device", device)
@@ -74,11 +100,17 @@ class StageModule(nn.Module):
         self._own: list[nn.Parameter] | None = None
 
     def install_hooks(self) -> None:
-        """The pre-hooks that write received tensors into block arguments and stop once the sends exist."""
+        """The pre-hooks that write received tensors into block arguments and stop once the sends exist; the
+        hooks that hand carried tensors back at the block outputs and hooked modules that made them, and take
+        the carried ones this stage sends (first among a block's forward hooks, before any recorder)."""
         if not self._hooks:
-            self._hooks = [self.module.get_submodule(name).register_forward_pre_hook(self._pre_hook(u),
-                                                                                      with_kwargs=True)
-                           for u, name in enumerate(self.plan.units)]
+            for name in self.plan.units:
+                block = self.module.get_submodule(name)
+                self._hooks.append(block.register_forward_pre_hook(self._pre_hook(), with_kwargs=True))
+                self._hooks.append(block.register_forward_hook(self._post_hook(), prepend=True))
+            for name in sorted({where[2] for where in self.send_sites if where[0] == "side"}):
+                self._hooks.append(self.module.get_submodule(name).register_forward_hook(self._side_hook(name),
+                                                                                         prepend=True))
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -120,12 +152,8 @@ class StageModule(nn.Module):
 
     def boundary_metas(self, args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
         cap = self._capture_for(args, kwargs)
-        recv = [None] * len(self.recv_at)
-        for (c, p), i in self.recv_at.items():
-            recv[i] = cap.outputs[p] if c == OUTPUT else cap.calls[c].args[p]
-        send = [None] * len(self.send_at)
-        for (c, p), i in self.send_at.items():
-            send[i] = cap.outputs[p] if c == OUTPUT else cap.calls[c].args[p]
+        recv = [cap.site_meta(found[0]) for found in self.recv_sites]
+        send = [cap.site_meta(where) for where in self.send_sites]
         if self.stage_index == self.num_stages - 1:
             send = [torch.empty((), device="meta")]
         return tuple(recv), tuple(send)
@@ -143,7 +171,7 @@ class StageModule(nn.Module):
         return tree_map(lambda t: DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
                         if isinstance(t, torch.Tensor) else t, out)
 
-    def _pre_hook(self, unit: int):
+    def _pre_hook(self):
         def hook(mod, args, kwargs):
             state = self._state
             if state is None:
@@ -159,45 +187,83 @@ class StageModule(nn.Module):
                 if cc == c:
                     leaves = leaves or tree_flatten((args, kwargs))[0]
                     state["sent"][i] = leaves[p]
-            if self.send_at and all(v is not None for v in state["sent"]):
+            if self.send_sites and all(v is not None for v in state["sent"]):
                 raise _Stop
             return None
         return hook
+
+    def _post_hook(self):
+        def hook(mod, args, out):
+            state = self._state
+            if state is None or state["call"] < 0:
+                return None
+            c = state["call"]
+            handed = [(where, state["received"][i]) for where, i in self.recv_carried.get(c, ())]
+            by_module: dict[tuple, dict[int, torch.Tensor]] = {}
+            for where, value in handed:
+                if where[0] == "side":
+                    by_module.setdefault(where[2:4], {})[where[4]] = value
+            for (name, n), values in by_module.items():  # hooked modules first, as inside the block
+                self._replay(state, c, name, n, values)
+            outs = {where[2]: value for where, value in handed if where[0] == "out"}
+            if outs:  # the stub (or a parameter-free block run on stub inputs) returns what the sender made
+                leaves, spec = tree_flatten(out)
+                out = tree_unflatten([outs.get(q, leaf) for q, leaf in enumerate(leaves)], spec)
+            if c in self.send_outs:
+                leaves = tree_flatten(out)[0]
+                for q, j in self.send_outs[c]:
+                    state["sent"][j] = leaves[q]
+            return out if outs else None
+        return hook
+
+    def _side_hook(self, name: str):
+        def hook(mod, args, out):
+            state = self._state
+            if state is None or state["call"] < 0:
+                return None
+            c = state["call"]
+            n = state["side_calls"].get((c, name), 0)
+            state["side_calls"][(c, name)] = n + 1
+            take = self.send_sides.get((c, name, n))
+            if take:
+                leaves = tree_flatten(out)[0]
+                for q, j in take:
+                    state["sent"][j] = leaves[q]
+            return None
+        return hook
+
+    def _replay(self, state: dict, call: int, name: str, n: int, values: dict[int, torch.Tensor]) -> None:
+        """Call the hooked module ``name`` of a stub block with its forward returning what the sender's copy
+        returned (received leaves; zeros elsewhere, shaped as captured), so its hooks see the sender's values."""
+        leaves, spec = tree_flatten(state["cap"].side_outputs[(call, name, n)])
+        leaves = [values[q] if q in values else _zeros_like_meta(leaf, self.device) for q, leaf in enumerate(leaves)]
+        out = tree_unflatten(leaves, spec)
+        inner = self.module.get_submodule(name)
+        wrap = wrap_forward(inner, "stage", lambda forward: lambda *a, **k: out)
+        state["side_calls"][(call, name)] = n
+        try:
+            inner()
+        finally:
+            wrap.remove()
 
     def forward(self, *received: torch.Tensor, model_args: tuple = (), model_kwargs: dict | None = None) -> Any:
         model_kwargs = model_kwargs or {}
         cap = self._capture_for(model_args, model_kwargs)
         self._state = {"cap": cap, "call": -1, "next": 0, "received": received,
-                       "sent": [None] * len(self.send_at)}
+                       "sent": [None] * len(self.send_sites), "side_calls": {}}
         outer, self.shared.running = self.shared.running, self
         try:
             out = self.module(*model_args, **model_kwargs)
-            sent = self._returned(out)
         except _Stop:
             return tuple(_sendable(t, self.split_backward) for t in self._state["sent"])
         finally:
+            sent = self._state
             self._state = None
             self.shared.running = outer
-        if self.stage_index == self.num_stages - 1:
-            return out
-        if any(v is None for v in sent):
+        if self.stage_index < self.num_stages - 1:
             raise RuntimeError(f"stage {self.stage_index} finished the forward without reaching the next stage: "
-                               f"{sum(v is None for v in sent)} boundary tensors were never produced")
-        return tuple(_sendable(t, self.split_backward) for t in sent)
-
-    def _returned(self, out: Any) -> list:
-        """Boundary tensors the module only returns (``OUTPUT`` reads): the received values go into the return
-        value (in place, as into block arguments), and this stage's own ones are sent on."""
-        state = self._state
-        if any(c == OUTPUT for c, _ in [*self.recv_at, *self.send_at]):
-            leaves = tree_flatten(out)[0]
-            for (c, p), i in self.recv_at.items():
-                if c == OUTPUT:
-                    leaves[p].copy_(state["received"][i])
-            for (c, p), i in self.send_at.items():
-                if c == OUTPUT:
-                    state["sent"][i] = leaves[p]
-        return state["sent"]
+                               f"{sum(v is None for v in sent['sent'])} boundary tensors were never produced")
+        return out
 
 
 def _sendable(t: torch.Tensor, copy: bool) -> torch.Tensor:

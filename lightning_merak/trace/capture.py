@@ -4,9 +4,14 @@ Units (the blocks a pipeline may cut between) are the module's children, expande
 through children larger than a whole stage. The run happens on a *meta twin* (a copy whose weights are meta
 tensors: a 20B model plans in seconds on one CPU) under a ``TorchFunctionMode`` that tracks, for every tensor,
 the set of units whose parameters it depends on (its *taint*) and every read of it outside the units (by the
-parent's own code) or as a unit's argument, in time order. Module hooks record each unit call: its arguments,
-its output (shapes for stubs), its forward FLOPs. Where the model's code needs real values (a data-dependent
-check), the capture retries on a CPU twin with zero weights. No ``torch.fx``, no tracer: any model that runs.
+parent's own code) or as a unit's argument, in time order; what the module returns counts as a last read
+(``("output", leaf)``). Module hooks record each unit call: its arguments, its output (shapes for stubs), its
+forward FLOPs. Each tensor also records where it was *made*, where that is a place a pipeline stage can hand it
+over: a leaf of a unit call's output (``("out", call, leaf)``), or a leaf of the output of a module inside a unit
+that has forward hooks of its own (``("side", call, module, n, leaf)``: transformers' recorders collect router
+logits and hidden states that way, to read them after the last layer). Where the model's code needs real values
+(a data-dependent check), the capture retries on a CPU twin with zero weights. No ``torch.fx``, no tracer: any
+model that runs.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_merak._compat import hook_free_memo, tree_flatten, without_output_capturing_flag
+from lightning_merak._compat import (
+    has_forward_hooks,
+    hook_free_memo,
+    tree_flatten,
+    without_output_capturing_flag,
+)
 
 
 class CaptureError(RuntimeError):
@@ -86,15 +96,24 @@ class Capture:
     unit_params: list[int]
     unit_flops: list[int]
     unit_saved: list[int] = field(default_factory=list)  # bytes autograd saves for backward, per unit
-    # per tensor key: taint set, reads [(time, kind, call_index, path)], shape, dtype
+    # per tensor key: taint set, reads [(time, (kind, ...))], shape, dtype, born, and where it was made: ``made``
+    # (a unit call's output leaf) and ``side`` (a hooked inner module's output leaf), each a site tuple or None
     tensors: dict[int, dict] = field(default_factory=dict)
     first_call: list[int] = field(default_factory=list)   # per unit: first call index (or -1)
     # per unit: times its parameters are read outside its own calls (DeBERTa's relative embedding weight, read by
     # every layer although the embedding module is never called)
     param_reads: dict[int, list[int]] = field(default_factory=dict)
-    # the module's return value, flattened: a tensor made by an early block and only returned (one tower's
-    # embedding in a two-tower model) is read there, as ("output", leaf index), after every block
-    outputs: list = field(default_factory=list)
+    # (call, module name, n) -> the output of the n-th call of that hooked module inside that unit call
+    side_outputs: dict[tuple[int, str, int], Any] = field(default_factory=dict)
+
+    def site_meta(self, site: tuple) -> Any:
+        """The tensor (meta, or zeros on the CPU twin) at a site: ``("call", c, arg)``, ``("out", c, leaf)`` or
+        ``("side", c, module, n, leaf)``; a stage asks its per-shape capture for its boundary shapes this way."""
+        if site[0] == "call":
+            return self.calls[site[1]].args[site[2]]
+        if site[0] == "out":
+            return tree_flatten(self.calls[site[1]].output)[0][site[2]]
+        return tree_flatten(self.side_outputs[site[1:4]])[0][site[4]]
 
 
 METADATA = {"register_hook", "__get__", "size", "dim", "numel", "stride", "is_floating_point", "element_size", "is_contiguous",
@@ -142,6 +161,10 @@ class _Capturer:
         self.alive: list[torch.Tensor] = []
         self.info: dict[int, dict] = {}
         self.param_reads: dict[int, list[int]] = {}
+        self.made = WeakIdKeyDictionary()   # tensor -> ("out", call, leaf)
+        self.side = WeakIdKeyDictionary()   # tensor -> ("side", call, module, n, leaf)
+        self.side_outputs: dict[tuple[int, str, int], Any] = {}
+        self.side_calls: dict[tuple[int, str], int] = {}
 
     def key(self, t: torch.Tensor) -> int:
         if t not in self.keys:
@@ -225,14 +248,31 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
                 call.output = out
                 call.flops = flops.get_total_flops() - call.flops
                 unit_flops[i] += call.flops
-                for o in tree_flatten(out)[0]:
+                for leaf, o in enumerate(tree_flatten(out)[0]):
                     if isinstance(o, torch.Tensor):
+                        if cap.born.get(o, call.time) >= call.time:  # made in this call, not passed through
+                            cap.made.setdefault(o, ("out", call.index, leaf))
                         # a block without parameters (rotary tables, dropout) adds no taint of its own
                         cap.taint[o] = cap.taint_of(o) | ({i} if unit_params[i] else set())
                         cap.born.setdefault(o, cap.time)
 
         hooks.append(sub.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(sub.register_forward_hook(post, with_kwargs=True))
+    unit_ids = {id(twin.get_submodule(u)) for u in units}
+    names = {id(m): n for n, m in twin.named_modules()}
+
+    def side(mod, a, out):
+        # a hooked module inside a unit: what it returns may leave the unit through its hooks (the innermost wins)
+        if cap.depth == 0 or id(mod) in unit_ids or id(mod) not in names or not has_forward_hooks(mod):
+            return
+        call, name = cap.calls[-1].index, names[id(mod)]
+        n = cap.side_calls.get((call, name), 0)
+        cap.side_calls[(call, name)] = n + 1
+        cap.side_outputs[(call, name, n)] = out
+        for leaf, o in enumerate(tree_flatten(out)[0]):
+            if isinstance(o, torch.Tensor):
+                cap.side.setdefault(o, ("side", call, name, n, leaf))
+
     meta = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
     margs = [meta(a) for a in args]
     mkwargs = {k: meta(v) for k, v in kwargs.items()}
@@ -242,24 +282,25 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
             unit_saved[cap.current] += t.numel() * t.element_size()
         return t
 
+    hooks.append(torch.nn.modules.module.register_module_forward_hook(side))  # removed with the others below
     try:
         # with grad even for an evaluation step: saved bytes are a training figure, and torch's module tracker
         # (under the FLOP counter) fails on a parameter passed to a module under no_grad (DeBERTa's rel_embeddings)
         with torch.enable_grad(), flops, _Taint(cap), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = twin(*margs, **mkwargs)
+            returned = twin(*margs, **mkwargs)
+        for leaf, o in enumerate(tree_flatten(returned)[0]):  # what the module returns is read after every block
+            if isinstance(o, torch.Tensor):
+                cap.read(o, ("output", leaf))
     except Exception as error:
         error.merak_module = _failing_module(twin, error)
         raise
     finally:
         for h in hooks:
             h.remove()
-    outputs = tree_flatten(out)[0]
-    for i, leaf in enumerate(outputs):
-        if isinstance(leaf, torch.Tensor):
-            cap.read(leaf, ("output", i))
     result = Capture(units, cap.calls, unit_params, unit_flops, unit_saved, param_reads=cap.param_reads,
-                     outputs=outputs)
-    result.tensors = {k: dict(v, taint=cap.taint_of(cap.alive[k])) for k, v in cap.info.items()}
+                     side_outputs=cap.side_outputs)
+    result.tensors = {k: dict(v, taint=cap.taint_of(cap.alive[k]), made=cap.made.get(cap.alive[k]),
+                              side=cap.side.get(cap.alive[k])) for k, v in cap.info.items()}
     result.first_call = [next((c.index for c in cap.calls if c.unit == u), -1) for u in range(len(units))]
     return result
 

@@ -53,11 +53,12 @@ def _build(name: str) -> tuple[nn.Module, object]:
     if name == "bloom":
         return tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
                                                   hidden_dropout=0.0, attention_dropout=0.0)), _causal
-    if name == "mixtral":
+    if name in ("mixtral", "mixtral_4_layers"):  # 4 layers: enough whole layers for a balanced 2-stage cut
+        layers = dict(attn, num_hidden_layers=4) if name == "mixtral_4_layers" else attn
         return tf.MixtralForCausalLM(tf.MixtralConfig(vocab_size=VOCAB, num_key_value_heads=2, num_local_experts=4,
                                                       num_experts_per_tok=2, output_router_logits=True,
                                                       router_aux_loss_coef=0.02, max_position_embeddings=32,
-                                                      **attn)), _causal
+                                                      **layers)), _causal
     if name == "gpt_neox":
         return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=VOCAB, max_position_embeddings=32,
                                                       hidden_dropout=0.0, attention_dropout=0.0, **attn)), _causal

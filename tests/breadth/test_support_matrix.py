@@ -20,10 +20,16 @@ REFUSED = {("resnet", "tp"): r"has nothing to shard for tensor parallelism.*Use 
 WARNED = {("mamba", "tp"): r"no layer of the blocks `backbone.layers` is tensor-parallel.*tensor_parallel_size=1"}
 
 
+#: MoE under a pipeline, in the same launch: Mixtral's router logits (collected from every layer, read by the aux
+#: loss after the last one) carried to the last stage; exact with the aux loss on over the whole batch as one
+#: micro-batch (the aux loss couples the batch), and over 2 micro-batches with it off
+MOE = [("mixtral_4_layers", "pp_whole_batch"), ("mixtral_4_layers", "pp_aux_off")]
+
+
 @pytest.fixture(scope="module")
 def matrix() -> dict:
-    cases = [(family, mode) for family in FAMILY_NAMES for mode in MODES]
-    ranks = spawn(workers.matrix, 2, cases, timeout=420)
+    cases = [(family, mode) for family in FAMILY_NAMES for mode in MODES] + MOE
+    ranks = spawn(workers.matrix, 2, cases, timeout=480)
     return {case: [r[case] for r in ranks] for case in cases}
 
 
@@ -65,8 +71,23 @@ def test_readme_support_matrix_says_what_the_run_shows(matrix):
             rows[cells[0].strip("`")] = dict(zip(MODES, cells[1:], strict=True))
     assert set(rows) == set(FAMILY_NAMES)
     for (family, mode), per_rank in matrix.items():
+        if (family, mode) in MOE:
+            continue
         cell = rows[family][mode]
         if "refused" in per_rank[0]:
             assert cell.startswith("refused"), f"{family} {mode}: the docs say {cell!r}, the run refused it"
         else:
             assert cell.startswith("✓"), f"{family} {mode}: the docs say {cell!r}, the run passed"
+
+
+@pytest.mark.multiprocess
+def test_moe_router_logits_pipelined_balanced_and_equal_to_one_process(matrix):
+    """Issue 17: with the aux loss on, stage 0 used to hold only the embedding (balance 2.0). The router logits
+    now cross the cut like any other tensor, and the losses equal one process with the aux loss on and off."""
+    for case in MOE:
+        per_rank = matrix[case]
+        problems = _problems(case, per_rank)
+        assert not problems, "\n".join(problems)
+        assert all(r["balance"] <= 1.15 and not r["warnings"] for r in per_rank), per_rank
+        aux = case[1] != "pp_aux_off"
+        assert len(per_rank[0]["carried"]) == (2 if aux else 0), per_rank[0]["carried"]  # layers 0 and 1's logits

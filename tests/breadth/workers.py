@@ -1,9 +1,10 @@
 """Per-rank bodies of the support matrix: each family at pp = 2 and at tp = 2 against one process, in one launch.
 
 Pipeline: the library's own pieces as the strategy composes them (``plan_model`` on a micro-batch,
-``build_stage``, torch's ``PipelineStage`` with the boundary metas, the 1F1B schedule over 2 micro-batches),
-then a forward-only pass of the whole batch with plain ``dist.send`` (the evaluation path). Reference: one
-process accumulating the same 2 micro-batches. Tensor parallel: ``tp_plan_for`` + ``apply_tensor_parallel``,
+``build_stage``, torch's ``PipelineStage`` with the boundary metas, the 1F1B schedule over 2 micro-batches, or
+GPipe over the whole batch as 1 micro-batch: the exact loss where the loss couples the batch, as the MoE
+auxiliary loss does), then a forward-only pass of the whole batch with plain ``dist.send`` (the evaluation
+path). Reference: one process accumulating the same micro-batches. Tensor parallel: ``tp_plan_for`` + ``apply_tensor_parallel``,
 one forward/backward of the whole batch. A family that is refused returns the error's message instead.
 """
 
@@ -49,8 +50,8 @@ def _max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> fl
     return max([float((g - want[k]).abs().max()) for k, g in got.items()], default=0.0)
 
 
-def _micro(batch: dict) -> list[dict]:
-    return [{k: v.chunk(MICRO)[i] for k, v in batch.items()} for i in range(MICRO)]
+def _micro(batch: dict, micro: int = MICRO) -> list[dict]:
+    return [{k: v.chunk(micro)[i] for k, v in batch.items()} for i in range(micro)]
 
 
 class _Runner(nn.Module):
@@ -62,14 +63,15 @@ class _Runner(nn.Module):
 
     def forward(self, *received: torch.Tensor, mb: torch.Tensor):
         out = self.stage(*received, model_args=(), model_kwargs=self.inputs[int(mb.reshape(-1)[0])])
-        return out.loss / MICRO if self.is_last else out
+        return out.loss / len(self.inputs) if self.is_last else out
 
 
 def _example(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(t.is_floating_point())
 
 
-def pipeline_case(rank: int, name: str) -> dict:
+def pipeline_case(rank: int, name: str, micro_batches: int = MICRO, config: dict | None = None) -> dict:
+    """``config``: attributes set on the model's config first (``output_router_logits=False``: no aux loss)."""
     from torch.distributed.pipelining import PipelineStage
 
     from lightning_merak.partition import plan_model
@@ -77,11 +79,13 @@ def pipeline_case(rank: int, name: str) -> dict:
     from lightning_merak.pipeline.stage import build_stage
 
     model, batch = build(name)
+    for key, value in (config or {}).items():
+        setattr(model.config, key, value)
     reference = copy.deepcopy(model)
-    micro = _micro(batch)
+    micro = _micro(batch, micro_batches)
     ref_loss = 0.0
     for mb in micro:
-        loss = reference(**mb).loss / MICRO
+        loss = reference(**mb).loss / micro_batches
         loss.backward()
         ref_loss += float(loss.detach())
     with warnings.catch_warnings(record=True) as caught:
@@ -92,15 +96,17 @@ def pipeline_case(rank: int, name: str) -> dict:
     last = rank == 1
     pipe = PipelineStage(_Runner(stage, micro, last), rank, 2, torch.device("cpu"),
                          input_args=tuple(_example(t) for t in recv), output_args=tuple(_example(t) for t in send))
-    schedule = build_schedule("1f1b", pipe, MICRO, loss_fn=lambda out, target: out)
-    index = torch.arange(MICRO)
+    schedule = build_schedule("1f1b" if micro_batches > 1 else "gpipe", pipe, micro_batches,
+                              loss_fn=lambda out, target: out)
+    index = torch.arange(micro_batches)
     losses: list[torch.Tensor] = []
     if last:
         schedule.step(mb=index, target=index, losses=losses, return_outputs=False)
     else:
         schedule.step(mb=index)
     _sum_tied(model, plan)
-    result = {"balance": plan.balance, "warnings": [str(w.message) for w in caught if "balance" in str(w.message)]}
+    result = {"balance": plan.balance, "warnings": [str(w.message) for w in caught if "balance" in str(w.message)],
+              "carried": [b.via for b in plan.stages[0].boundary if b.via != "argument"]}
     if last:
         result["loss"] = abs(sum(float(v) for v in losses) - ref_loss)
     # evaluation: the whole batch, forward only, boundary tensors sent exactly as the stage returns them
@@ -138,15 +144,21 @@ def tensor_parallel_case(rank: int, name: str, mesh) -> dict:
             "sharded": sharded, "source": plan.source, "warnings": [str(w.message) for w in caught]}
 
 
+#: pipeline variants beyond plain "pp": (micro-batches, config overrides)
+PIPELINE_MODES = {"pp": (MICRO, None), "pp_whole_batch": (1, None),
+                  "pp_aux_off": (MICRO, {"output_router_logits": False})}
+
+
 def matrix(rank: int, world: int, cases: list[tuple[str, str]]) -> dict:
-    """``cases``: (family, "pp" | "tp"); returns {(family, mode): result dict or {"refused": message}}."""
+    """``cases``: (family, "tp" or a ``PIPELINE_MODES`` key); returns {(family, mode): result dict or
+    {"refused": message}}."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))["tp"]
     results = {}
     for name, mode in cases:
         try:
-            results[(name, mode)] = (pipeline_case(rank, name) if mode == "pp"
+            results[(name, mode)] = (pipeline_case(rank, name, *PIPELINE_MODES[mode]) if mode in PIPELINE_MODES
                                      else tensor_parallel_case(rank, name, mesh))
         except (ValueError, NotImplementedError) as error:  # refusals: raised alike on every rank, before any send
             results[(name, mode)] = {"refused": f"{type(error).__name__}: {error}"}

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_merak.partition import plan_model
 
@@ -21,34 +22,54 @@ def _mixtral(router_logits: bool):
     return tf.MixtralForCausalLM(config), {"input_ids": ids, "labels": ids}
 
 
-def test_router_aux_loss_forced_imbalance_is_explained():
-    """Router logits collected across layers and read by the aux loss at the end make every cut between layers
-    illegal: only the embedding can be stage 0 (balance 2.0). The warning names the tensor, its maker and reader,
-    and the option that lifts it."""
-    model, batch = _mixtral(router_logits=True)
+class KeepsAnEarlyValue(nn.Module):
+    """The parent's own code makes ``early`` from the first layer's output and reads it after the last layer: only
+    the cut before that layer is legal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        h = self.layers[0](self.embed(x))
+        early = 2 * h
+        for layer in self.layers[1:]:
+            h = torch.tanh(layer(h))
+        return h + early
+
+
+def test_forced_imbalance_is_explained():
+    """The warning names the tensor, its maker and reader, and what the user can do."""
     with pytest.warns(UserWarning) as caught:
-        plan = plan_model(model, ((), batch), 2)
-    assert plan.balance == pytest.approx(2.0)
+        plan = plan_model(KeepsAnEarlyValue(), (torch.randn(3, 4),), 2)
+    assert plan.units[plan.cuts[0]] == "layers.0" and plan.balance > 1.25
     message = next(str(w.message) for w in caught if "stage balance" in str(w.message))
-    assert "stage balance of 2.00" in message and "would give 1.14" in message
-    assert "starting a stage at `model.layers.2` is illegal" in message
-    assert "made by `model.layers.0`" in message and "MixtralForCausalLM.forward" in message
-    assert "model.config.output_router_logits = False" in message
+    assert f"stage balance of {plan.balance:.2f}" in message
+    assert "starting a stage at `layers.2` is illegal" in message
+    assert "made by `layers.0` is read after the cut by the parent's own code (`add`)" in message
+    assert "KeepsAnEarlyValue.forward" in message and "return it from a block" in message
 
 
-def test_without_router_logits_the_cut_is_balanced_and_silent():
-    model, batch = _mixtral(router_logits=False)
+@pytest.mark.parametrize("router_logits", [True, False])
+def test_mixtral_cut_is_balanced_and_silent_with_and_without_router_logits(router_logits):
+    """The router logits transformers collects from every layer for the aux loss are carried to the last stage
+    (tests/partition/test_carried.py), so they no longer forbid cuts between layers."""
+    model, batch = _mixtral(router_logits)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         plan = plan_model(model, ((), batch), 2)
-    assert plan.balance < 1.25 and plan.units[plan.cuts[0]] == "model.layers.2"
+    assert plan.balance <= 1.15 and plan.units[plan.cuts[0]] == "model.layers.2", plan.table()
+    hooked = [b for b in plan.stages[0].boundary if b.via.startswith("hooked output")]
+    assert len(hooked) == (2 if router_logits else 0)
 
 
 def test_a_model_that_has_run_still_plans():
     """transformers installs its router-logit recorders at the first forward; the planner's hook-free copy of
-    the model must install its own (else the aux loss finds no logits)."""
+    the model must install its own (else the aux loss finds no logits, and none would be carried)."""
     model, batch = _mixtral(router_logits=False)
     model.config.output_router_logits = True
     model(**batch)
-    with pytest.warns(UserWarning, match="stage balance"):
-        assert plan_model(model, ((), batch), 2).balance == pytest.approx(2.0)
+    plan = plan_model(model, ((), batch), 2)
+    assert [b.via for b in plan.stages[0].boundary if b.via != "argument"] == [
+        "hooked output of `model.layers.0.mlp.gate`", "hooked output of `model.layers.1.mlp.gate`"]

@@ -106,3 +106,19 @@ def test_interleaved_rounds_rule_and_zbv_minimum() -> None:
         make_schedule("zbv", 4, 3)
     with pytest.raises(ScheduleError, match="unknown pipeline schedule"):
         make_schedule("dualpipe", 4, 8)
+
+
+@pytest.mark.parametrize("p,m", [(2, 1), (4, 3)])
+def test_1f1b_needs_as_many_microbatches_as_stages(p: int, m: int) -> None:
+    """torch's Schedule1F1B raises inside the first step with fewer micro-batches than stages: refused when the
+    schedule is built, so ``MerakConfig`` refuses it at ``Trainer(...)`` time and "auto" skips it (gpipe runs)."""
+    from lightning_merak.config import MerakConfig, MerakConfigError
+
+    with pytest.raises(ScheduleError, match=rf"1f1b needs num_microbatches >= the {p} pipeline stages.*got {m}"):
+        make_schedule("1f1b", p, m)
+    with pytest.raises(MerakConfigError, match=rf"pipeline_schedule='1f1b' cannot run num_microbatches={m} on "
+                                               rf"pipeline_parallel_size={p}.*at least {p} micro-batches.*'gpipe'"):
+        MerakConfig(pipeline_parallel_size=p, num_microbatches=m, pipeline_schedule="1f1b")
+    auto = MerakConfig(pipeline_parallel_size=p, num_microbatches=m).schedule_candidates()
+    assert "1f1b" not in auto and "gpipe" in auto
+    make_schedule("1f1b", p, p)

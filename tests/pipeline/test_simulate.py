@@ -9,6 +9,7 @@ import pytest
 from lightning_merak.pipeline.plan import (
     LinkCosts,
     MemoryBudgetError,
+    ScheduleError,
     StageCosts,
     choose_schedule,
     make_schedule,
@@ -26,14 +27,18 @@ UNIT = StageCosts(forward=1.0, backward=2.0, activation_bytes=1.0)
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 4), (8, 16), (4, 2)])
 def test_gpipe_and_1f1b_bubble_closed_form(name: str, p: int, m: int) -> None:
+    if name == "1f1b" and m < p:  # torch's Schedule1F1B refuses fewer micro-batches than stages
+        with pytest.raises(ScheduleError, match=rf"1f1b needs num_microbatches >= the {p} pipeline stages.*gpipe"):
+            make_schedule(name, p, m)
+        return
     r = simulate(make_schedule(name, p, m), UNIT)
     assert r.makespan == pytest.approx((m + p - 1) * 3)
     assert r.bubble_fraction == pytest.approx((p - 1) / (m + p - 1))
 
 
-@pytest.mark.parametrize("p,m", [(4, 8), (4, 2), (2, 6), (8, 16)])
-def test_1f1b_stage_i_holds_min_p_minus_i_m_microbatches(p: int, m: int) -> None:
-    assert simulate(make_schedule("1f1b", p, m), UNIT).peak_memory == tuple(float(min(p - i, m)) for i in range(p))
+@pytest.mark.parametrize("p,m", [(4, 8), (4, 4), (2, 6), (8, 16)])
+def test_1f1b_stage_i_holds_p_minus_i_microbatches(p: int, m: int) -> None:
+    assert simulate(make_schedule("1f1b", p, m), UNIT).peak_memory == tuple(float(p - i) for i in range(p))
     assert simulate(make_schedule("gpipe", p, m), UNIT).peak_memory == (float(m),) * p
 
 
@@ -55,6 +60,38 @@ def test_zbv_beats_interleaved_beats_1f1b_at_1f1b_memory() -> None:
     assert zbv.makespan == pytest.approx(25.5)          # ideal 24; torch's ZB-V order leaves 1.5 at the ends
     assert zbv.makespan < inter.makespan < one.makespan
     assert max(zbv.peak_memory_per_rank) == pytest.approx(p)   # p micro-batches of a full stage, as 1F1B's stage 0
+
+
+def test_stage_0_input_gradient_is_empty_and_its_weight_step_carries_the_backward() -> None:
+    """Stage 0 has no earlier stage to send an input gradient to: measured, its I is about 0 and W the whole
+    backward. Hand-computed ZB-H1-like order, p=2, m=3, f=1, b=2 (stage 1: I=W=1; stage 0: I=0, W=2):
+    rank 0 runs 0F0 [0,1] 0F1 [1,2], waits for 1I0 (ends 3): 0I0 [3,3] 0F2 [3,4], waits for 1I1 (ends 5): 0I1
+    [5,5] 0W0 [5,7]; rank 1: 1F0 [1,2] 1I0 [2,3] 1F1 [3,4] 1I1 [4,5] 1W0 [5,6] 1F2 [6,7] 1I2 [7,8] 1W1 1W2 [8,10];
+    rank 0 then 0I2 [8,8] 0W1 [8,10] 0W2 [10,12]: makespan 12. An even split would hide half of stage 0's
+    backward in the waits for gradients (makespan 11), which the real stage 0 cannot do."""
+    from lightning_merak.pipeline.plan.schedules import from_orders
+
+    sched = from_orders("zb_h1", 3, ["0F0 0F1 0I0 0F2 0I1 0W0 0I2 0W1 0W2".split(),
+                                     "1F0 1I0 1F1 1I1 1W0 1F2 1I2 1W1 1W2".split()])
+    plain = StageCosts(1.0, 2.0)
+    honest = simulate(sched, plain)
+    assert honest.makespan == pytest.approx(12.0)
+    spans = {(e.stage, e.kind): e.end - e.start for e in honest.timeline}
+    assert spans[0, "I"] == 0.0 and spans[0, "W"] == 2.0 and spans[1, "I"] == spans[1, "W"] == 1.0
+    even = StageCosts(1.0, 2.0, backward_input=1.0, backward_weight=1.0)   # given (e.g. measured): kept
+    assert simulate(sched, [even, plain]).makespan == pytest.approx(11.0)
+    assert plain.first_stage().input_grad == 0.0 and plain.first_stage().weight_grad == 2.0
+    assert even.first_stage() is even
+
+
+def test_zbv_two_ranks_hand_computed() -> None:
+    """ZB-V, p=2, m=4, f=0.5, b=1 per virtual stage: each rank has 2 x 4 x 1.5 = 12 of work; rank 1 waits only for
+    the first forward 0F0 (0.5) and then never idles (stage 0's W follows its empty I on rank 0): makespan 12.5."""
+    result = simulate(make_schedule("zbv", 2, 4), UNIT.split(2))
+    assert result.makespan == pytest.approx(12.5)
+    assert result.busy == pytest.approx((12.0, 12.0))
+    assert all(e.end == e.start for e in result.timeline if e.stage == 0 and e.kind == "I")
+    assert all(e.end - e.start == 1.0 for e in result.timeline if e.stage == 0 and e.kind == "W")
 
 
 def test_point_to_point_latency_and_bandwidth() -> None:

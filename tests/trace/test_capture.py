@@ -78,3 +78,53 @@ def test_failure_names_the_innermost_module():
         capture(Broken(), (torch.randn(2, 4),), {}, ["a", "b"])
     with pytest.raises(CaptureError, match=r"`0.a \(Linear\)` raised"):  # the inner Linear gets 5 features
         capture(nn.Sequential(Broken(), nn.Linear(4, 4)), (torch.randn(3, 5),), {})
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.probe = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, h):
+        h = self.linear(h)
+        self.probe(h)  # returned to no one: a forward hook collects it
+        return h
+
+
+class Collects(nn.Module):
+    """Each block's inner ``probe`` returns a value a forward hook collects (as transformers' output recorders do);
+    the parent reads the collected values after the last block and returns the first block's output too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+    def forward(self, x):
+        self.collected: list[torch.Tensor] = []
+        if not getattr(self, "_output_capturing_hooks_installed", False):  # lazily, under transformers' flag name
+            self._output_capturing_hooks_installed = True
+            for block in self.blocks:
+                block.probe.register_forward_hook(lambda mod, args, out: self.collected.append(out))
+        first = h = self.blocks[0](x)
+        for block in self.blocks[1:]:
+            h = block(h)
+        return h, first, torch.stack(self.collected).sum()
+
+
+def test_where_tensors_are_made_and_the_output_as_a_last_read():
+    """``made``: a leaf of a unit call's output; ``side``: a leaf of a hooked module's output inside a unit (the
+    innermost hooked one); what the module returns is read at the end, as ``("output", leaf)``."""
+    model = Collects()
+    cap = capture(model, (torch.randn(3, 4),), {}, ["blocks.0", "blocks.1", "blocks.2"])
+    first = next(v for v in cap.tensors.values() if v["made"] == ("out", 0, 0))
+    assert [r[1] for r in first["reads"]] == [("call", 1, 0), ("output", 1)]   # blocks.1's argument, returned
+    assert first["side"] is None
+    sides = sorted(v["side"] for v in cap.tensors.values() if v["side"])
+    assert sides == [("side", c, f"blocks.{c}.probe", 0, 0) for c in range(3)]
+    collected = [v for v in cap.tensors.values() if v["side"]]
+    assert all(v["made"] is None and v["reads"][0][1][0] == "op" for v in collected)   # read by the stack
+    assert tuple(cap.site_meta(sides[0]).shape) == (3, 2)
+    # with the probes as units of their own, their outputs are made by unit calls instead
+    fine = capture(model, (torch.randn(3, 4),), {}, [f"blocks.{b}.{m}" for b in range(3) for m in ("linear", "probe")])
+    probes = [v for v in fine.tensors.values() if v["made"] and fine.units[fine.calls[v["made"][1]].unit].endswith("probe")]
+    assert len(probes) == 3 and not any(v["side"] for v in fine.tensors.values())

@@ -142,9 +142,18 @@ def gpipe(num_ranks: int, num_microbatches: int) -> Schedule:
 
 
 def one_f_one_b(num_ranks: int, num_microbatches: int) -> Schedule:
-    """1F1B (PipeDream-flush): stage s runs p−s forwards before its first backward, then alternates."""
+    """1F1B (PipeDream-flush): stage s runs p−s forwards before its first backward, then alternates.
+
+    Needs at least p micro-batches: torch's ``Schedule1F1B`` (what runs it) refuses fewer, and with fewer the
+    warm-up takes every micro-batch, so the order is GPipe's anyway.
+    """
     _check_sizes(num_ranks, num_microbatches)
     p, m = num_ranks, num_microbatches
+    if m < p:
+        raise ScheduleError(
+            f"1f1b needs num_microbatches >= the {p} pipeline stages (torch's Schedule1F1B rule); got {m}. Use at "
+            f"least {p} micro-batches, or pipeline_schedule='gpipe' (the same order for so few micro-batches; it "
+            "runs any count).")
     per_rank = [[Action(s, k, mb) for k, mb in _one_f_one_b_order(m, p - s)] for s in range(p)]
     return _single("1f1b", p, m, per_rank)
 

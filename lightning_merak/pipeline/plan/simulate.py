@@ -31,7 +31,8 @@ class StageCosts:
     """Per-micro-batch costs of one pipeline stage (seconds, bytes).
 
     ``backward`` is the full backward; ``backward_input``/``backward_weight`` default to half of it each for
-    schedules that split it (ZB). ``recompute_ratio`` is the share of the forward that ordinary
+    schedules that split it (ZB), except on stage 0 (``first_stage``): no earlier stage needs its input
+    gradient, so its input step does nothing (measured: about 0) and its weight step is the whole backward. ``recompute_ratio`` is the share of the forward that ordinary
     checkpointing drops and recomputes (stage-aware recomputation). ``static_bytes`` (parameters, gradients,
     optimizer state) is only used against a memory budget.
     """
@@ -52,6 +53,14 @@ class StageCosts:
     @property
     def weight_grad(self) -> float:
         return self.backward - self.input_grad if self.backward_weight is None else self.backward_weight
+
+    def first_stage(self) -> StageCosts:
+        """These costs on stage 0 of a split backward: the input-gradient step is empty (the batch needs no
+        gradient) and the weight step does the whole backward, unless measured values say otherwise."""
+        if self.backward_input is not None:
+            return self
+        return replace(self, backward_input=0.0,
+                       backward_weight=self.backward if self.backward_weight is None else self.backward_weight)
 
     def kept_bytes(self, pre_checkpointed: bool = False) -> float:
         """Activation bytes a forward leaves in memory until its backward (see the module docstring)."""
@@ -118,6 +127,7 @@ def simulate(schedule: Schedule, costs: StageCosts | Sequence[StageCosts], link:
     """Run the schedule on the cost model; raises ``ScheduleError`` if the ranks deadlock."""
     link = link or LinkCosts()
     cs = _per_stage(costs, schedule.num_stages)
+    cs[0] = cs[0].first_stage()
     place = schedule.stage_to_rank
     last = schedule.num_stages - 1
     done: dict[tuple[int, str, int], float] = {}   # (stage, "F"|"G"|"W", mb) -> end time; G = input grad out
