@@ -77,19 +77,14 @@ def _shards_equal_one_process(rank: int, world: int, width: int, vocab: int) -> 
         assert sharded, name
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             done = materialize(model, torch.device("cpu"), seed=11)
-        # every allocation torch made while materialising, less one per tensor the model now holds: what is left
-        # are the temporaries
-        temporaries = Counter(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
-        for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
-            temporaries[local_shard(t).numel() * t.element_size()] -= 1
-        assert all(count >= 0 for count in temporaries.values()), temporaries
+        temporaries = _temporaries(prof, model)
         for (n, p), q in zip(model.named_parameters(), one.parameters(), strict=True):
             expected = distribute_tensor(q.detach(), mesh, p.placements, src_data_rank=None).to_local() \
                 if isinstance(p, DTensor) else q
             assert torch.equal(local_shard(p), expected), (name, n)
         for (n, b), c in zip(model.named_buffers(), one.buffers(), strict=True):
             assert torch.equal(b, c), (name, n)
-        out[name] = {"largest_temporary": max(size for size, count in temporaries.items() if count > 0),
+        out[name] = {"largest_temporary": max(temporaries, default=0),
                      "whole_bytes": done.whole_bytes,
                      "smallest_sharded_whole": min(p.numel() * p.element_size() for p in sharded.values() if p.dim() > 1),
                      "initialized_bytes": done.initialized_bytes,
@@ -110,3 +105,64 @@ def test_tp_shards_get_the_one_process_values_and_no_rank_makes_a_whole_sharded_
             assert model["largest_temporary"] <= 4 * (STREAM_CHUNK + 15) < model["smallest_sharded_whole"], model
             # about half the weights per rank (norms, biases of row-parallel layers replicated)
             assert model["initialized_bytes"] < 0.53 * model["full_bytes"], model
+
+
+def _temporaries(prof, module: torch.nn.Module) -> Counter:
+    """Sizes of the allocations torch made under ``prof``, less one per tensor ``module`` holds now."""
+    from lightning_merak._compat import local_shard
+
+    sizes = Counter(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values():
+        sizes[local_shard(t).numel() * t.element_size()] -= 1
+    assert all(count >= 0 for count in sizes.values()), sizes
+    return +sizes
+
+
+def _build_pp2_tp2(rank: int, world: int, width: int, vocab: int) -> dict:
+    """The build recipe (``build_engine``) for a GPT-2 made in ``configure_model`` at pp=2 x tp=2: what each rank
+    holds afterwards, and the largest temporary allocated while building."""
+    import lightning.pytorch as pl
+    import transformers as tf
+    from torch.distributed.tensor import DTensor
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_merak import topology
+    from lightning_merak._compat import local_shard
+    from lightning_merak.config import MerakConfig
+    from lightning_merak.parallelize import build_engine
+
+    config = tf.GPT2Config(n_layer=4, n_embd=width, n_head=8, n_positions=16, vocab_size=vocab)
+
+    class GPT(pl.LightningModule):
+        def configure_model(self) -> None:
+            self.model = tf.GPT2LMHeadModel(config)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+    module = GPT()
+    with torch.device("meta"):  # as MerakStrategy.tensor_init_context does around configure_model
+        module.configure_model()
+    full = sum(p.numel() * p.element_size() for p in module.parameters())
+    mesh = topology.build_mesh("cpu", 1, 2, 2)
+    batch = torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(0))
+    options = MerakConfig(pipeline_parallel_size=2, tensor_parallel_size=2, pipeline_schedule="1f1b",
+                          recompute="none", num_microbatches=2)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        build_engine(module, batch, "training_step", options, mesh, torch.device("cpu"))
+    sharded = [p for p in module.parameters() if isinstance(p, DTensor) and p.to_local().shape != p.shape]
+    return {"full": full, "held": sum(local_shard(t).numel() * t.element_size()
+                                      for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values()),
+            "largest_temporary": max(_temporaries(prof, module), default=0),
+            "smallest_sharded_whole": min(p.numel() * p.element_size() for p in sharded if p.dim() > 1)}
+
+
+@pytest.mark.multiprocess
+def test_pp2_tp2_build_materialises_a_quarter_per_rank_and_no_whole_sharded_weight():
+    """Bytes, not times: each of the four ranks holds about a quarter of the model (its stage's TP shards, plus the
+    replicated norms and biases and its shard of the tied embedding), and nothing the recipe allocates on the way
+    is as large as a whole sharded weight."""
+    ranks = spawn(_build_pp2_tp2, 4, 256, 1024, timeout=300)
+    for r in ranks:
+        assert 0.22 * r["full"] < r["held"] < 0.3 * r["full"], r
+        assert r["largest_temporary"] < r["smallest_sharded_whole"], r
