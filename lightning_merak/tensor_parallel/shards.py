@@ -9,13 +9,12 @@ them. Two ways to fill it:
 - **from a checkpoint** (``ShardIndex.read``): only those indices are read, with safetensors' ``get_slice``;
 - **by the module's own init** (``init_local_shards``): during the init each sharded slot holds a whole-shape
   stand-in (one element broadcast to the whole shape: not meta, so an init that skips meta tensors still runs)
-  and a dispatch mode carries every op on it over to the local shard. Fills and scalar
-  elementwise ops (``zero_``, ``fill_``, ``mul_``, ``clamp_``, ``erfinv_`` ...) apply to the shard as they are.
+  and a dispatch mode carries every op on it over to the local shard. Fills and scalar elementwise ops (``zero_``, ``fill_``, ``mul_``, ``clamp_``, ``erfinv_`` ...) apply to the shard as they are.
   ``normal_`` / ``uniform_`` draw the whole tensor's random stream from the same generator, a bounded chunk at a
   time, and keep this rank's elements: on the CPU generator (mt19937) torch fills a contiguous tensor
   position by position (``normal_`` in blocks of 16 with a redrawn tail, which the chunking respects), so the
   shard holds exactly the elements one process would have drawn into the whole tensor, and the generator ends in
-  the same state (checked in ``tests/large/test_materialize.py``).
+  the same state (checked in ``tests/large/test_tp_shards.py``).
   Where that cannot hold, the whole parameter is made as a temporary, initialised as one process would, sliced
   and freed, one module at a time: on CUDA (the Philox stream of a kernel depends on the tensor's size) and for an
   init that reads the tensor, takes a view of part of it, or copies a computed tensor into it.
@@ -161,7 +160,7 @@ def _tensors(args, kwargs) -> list[torch.Tensor]:
 
 
 class _ShardInitMode(TorchDispatchMode):
-    """Carries the init's ops on whole-shape meta stand-ins over to the local shards (see the module docstring)."""
+    """Carries the init's ops on the whole-shape stand-ins over to the local shards (see the module docstring)."""
 
     def __init__(self, targets: dict[int, _Target]) -> None:
         super().__init__()
