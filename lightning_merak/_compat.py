@@ -270,3 +270,29 @@ def live_process_groups() -> list:
     from torch.distributed import distributed_c10d
 
     return list(distributed_c10d._world.pg_map)
+
+
+# --- materialisation (the storage identity of meta tensors; glibc's heap) ----------------------------
+def storage_key(t: torch.Tensor) -> int:
+    """One number per storage, the same for every alias of it (``.data``, ``detach()``), meta tensors included
+    (whose data pointers are all 0): the storage object's private handle."""
+    return t.untyped_storage()._cdata
+
+
+def release_freed_host_memory() -> None:
+    """Hand pages that host ``free()`` kept in the process heap back to the system (glibc's ``malloc_trim``), so a
+    burst of temporaries (materialisation) does not stay resident. A no-op where the C library has none."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
+        pass
+
+
+# a dispatch mode sees every aten op (materialisation of tensor-parallel shards carries init ops onto them)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+__all__ += ["storage_key", "release_freed_host_memory", "TorchDispatchMode"]

@@ -15,7 +15,10 @@ the module that owns it:
 - a parameter shared by two modules (tied weights) is initialised once, by the first module in registration
   order, as in one process; copies of a tie on other pipeline ranks are made equal by the build recipe.
 
-CPU tensors are moved, one at a time, so the device never holds more than this rank's part.
+CPU tensors are moved, one at a time, so the device never holds more than this rank's part. Under tensor
+parallelism the module was sharded on meta first: a sharded parameter (a DTensor) gets memory for its local shard
+only, read as a slice from the checkpoint or initialised directly into the shard (``tensor_parallel.shards``).
+Temporaries are freed as they go, and the heap pages they used are handed back at the end.
 """
 
 from __future__ import annotations
@@ -25,10 +28,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from lightning_merak._compat import buffer_slots, hf_init_weights, parameter_slots
+from lightning_merak._compat import (
+    buffer_slots,
+    hf_init_weights,
+    local_shard,
+    parameter_slots,
+    release_freed_host_memory,
+)
 from lightning_merak.pretrained import checkpoint_of
 from lightning_merak.rng import mix
+from lightning_merak.tensor_parallel.shards import empty_shard, init_local_shards
 
 
 class MaterializationError(RuntimeError):
@@ -41,6 +52,7 @@ class Materialized:
 
     initialized_bytes: int = 0  # meta tensors given memory and their module's init (or the checkpoint's values)
     moved_bytes: int = 0  # real tensors moved to the device
+    whole_bytes: int = 0  # most bytes of whole TP-sharded tensors held at once as temporaries (0: all direct)
     read_keys: list[str] = field(default_factory=list)  # tensors read from a pretrained checkpoint folder
 
     @property
@@ -65,7 +77,9 @@ def materialize(module: nn.Module, device: torch.device, seed: int, *, skip: nn.
     """
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # seeding per module must not shift the run's randomness
-        return _materialize(module, device, seed, skip, prefix)
+        done = _materialize(module, device, seed, skip, prefix)
+    release_freed_host_memory()
+    return done
 
 
 def _materialize(module: nn.Module, device: torch.device, seed: int, skip: nn.Module | None,
@@ -89,22 +103,44 @@ def _materialize(module: nn.Module, device: torch.device, seed: int, skip: nn.Mo
                 if t.is_meta:
                     replacement = _empty_like(t, device)
                     fresh.append((key, replacement))
-                    done.initialized_bytes += t.numel() * t.element_size()
+                    done.initialized_bytes += _local_bytes(replacement)
                 elif t.device != device:
                     replacement = _moved(t, device)
-                    done.moved_bytes += t.numel() * t.element_size()
+                    done.moved_bytes += _local_bytes(replacement)
                 else:
                     continue
                 new[id(t)] = slots[key] = replacement
         if fresh:
-            done.read_keys += _initialize(name, sub, fresh, owners, seed, device, initialized)
+            read, whole = _initialize(name, sub, fresh, owners, seed, device, initialized)
+            done.read_keys += read
+            done.whole_bytes = max(done.whole_bytes, whole)
     return done
 
 
-def _empty_like(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    value = torch.empty(t.shape, dtype=t.dtype, device=device)
+def _local_bytes(t: torch.Tensor) -> int:
+    local = local_shard(t)
+    return local.numel() * local.element_size()
+
+
+def _unwritten(value: torch.Tensor) -> None:
     value.fill_(float("nan") if value.is_floating_point() else _UNSET_INT)
+
+
+def _empty_like(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(t, DTensor):  # sharded on meta: memory for this rank's shard only
+        return empty_shard(t, device, _unwritten)
+    value = torch.empty(t.shape, dtype=t.dtype, device=device)
+    _unwritten(value)
     return nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+
+
+def _is_unwritten(t: torch.Tensor) -> bool:
+    """Whether any element still holds the "not written" mark; a NaN sum is confirmed element-wise (inf - inf),
+    so no temporary the size of the tensor is made for the common case."""
+    local = local_shard(t)
+    if local.is_floating_point():
+        return bool(torch.isnan(local.sum())) and bool(torch.isnan(local).any())
+    return bool((local == _UNSET_INT).any())
 
 
 def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -142,35 +178,42 @@ def _hf_owners(module: nn.Module, prefix: str) -> dict[int, _Owner]:
     return owners
 
 
-def _initialize(name: str, sub: nn.Module, fresh: list[tuple[str, torch.Tensor]],
-                owners: dict[int, _Owner], seed: int, device: torch.device, initialized: set[int]) -> list[str]:
+def _initialize(name: str, sub: nn.Module, fresh: list[tuple[str, torch.Tensor]], owners: dict[int, _Owner],
+                seed: int, device: torch.device, initialized: set[int]) -> tuple[list[str], int]:
     """Read ``sub``'s tensors from its model's checkpoint folder, if it came from one; run its own init under a
-    seed of its name for the rest. Values of tensors another module already initialised (a tie) are kept;
-    every fresh tensor must have been written. Returns the checkpoint keys read."""
+    seed of its name for the rest (tensor-parallel shards: ``init_local_shards``). Values of tensors another
+    module already initialised (a tie) are kept; every fresh tensor must have been written. Returns the
+    checkpoint keys read and the bytes of the largest whole temporary made for a shard."""
     found = owners.get(id(sub), _Owner(None, None, ""))
     owner, checkpoint, base = found.model, checkpoint_of(found.source), found.source_name
     relative = name[len(base) + 1:] if base and name.startswith(base + ".") else ("" if name == base else name)
     read: list[str] = []
+    whole = 0
     with torch.no_grad():
         if checkpoint is not None:
             for key, t in fresh:
                 file_key = checkpoint.key_for(f"{relative}.{key}" if relative else key, found.source.base_model_prefix)
                 if file_key is not None:
-                    t.copy_(checkpoint.read(file_key, t))
+                    local_shard(t).copy_(checkpoint.read(file_key, t))
                     read.append(file_key)
                     initialized.add(id(t))
         if len(read) < len(fresh):
-            kept = [(t, t.detach().clone()) for t in _own_tensors(sub) if id(t) in initialized]
-            _seed(mix(seed, zlib.crc32(name.encode())), device)
-            if owner is not None:
-                hf_init_weights(owner, sub)
-            elif callable(getattr(sub, "reset_parameters", None)):
-                sub.reset_parameters()
+            kept = [(t, local_shard(t).clone()) for t in _own_tensors(sub) if id(t) in initialized]
+            module_seed = mix(seed, zlib.crc32(name.encode()))
+            _seed(module_seed, device)
+
+            def init() -> None:
+                if owner is not None:
+                    hf_init_weights(owner, sub)
+                elif callable(getattr(sub, "reset_parameters", None)):
+                    sub.reset_parameters()
+
+            whole = init_local_shards(sub, init, lambda: _seed(module_seed, device), device, _unwritten,
+                                      _is_unwritten)
             for t, value in kept:
-                t.copy_(value)
+                local_shard(t).copy_(value)
     for key, t in fresh:
-        unset = torch.isnan(t).any() if t.is_floating_point() else (t == _UNSET_INT).any()
-        if bool(unset):
+        if _is_unwritten(t):
             how = (f"its transformers model's _init_weights ({type(owner).__name__}) does not set it"
                    if owner is not None else "it has no reset_parameters()")
             raise MaterializationError(
@@ -180,7 +223,7 @@ def _initialize(name: str, sub: nn.Module, fresh: list[tuple[str, torch.Tensor]]
                 "initialised)."
             )
         initialized.add(id(t))
-    return read
+    return read, whole
 
 
 def _own_tensors(sub: nn.Module) -> list[torch.Tensor]:

@@ -6,15 +6,17 @@
 2. example inputs: the pipelined module's arguments for one micro-batch of the first batch;
 3. tensor-parallel plan, detected on a meta twin of the whole module (which layer feeds which needs the flow);
 4. cut: plan the stages on the proxy graph and prune this rank's copy to its stages;
-5. materialise: only this rank's tensors get memory on its device (``materialize``), tied copies made equal;
-6. apply TP to what the cut left (only local weights are sharded);
+5. apply TP to what the cut left, still on meta for a meta-built model (only local weights are sharded);
+6. materialise: only this rank's tensors get memory on its device (``materialize``), of a TP-sharded weight only
+   its shard (read as a slice, or initialised into the shard); tied copies made equal;
 7. schedule and recompute: ``AutoSchedule`` decides, the stages checkpoint their share;
 8. memory manager (DELTA) over what is left;
 9. RNG streams;
 10. the engine: ``PipelineEngine`` for pp > 1, ``LocalEngine`` otherwise.
 
-Nothing moves to the device before step 5, so no rank ever holds another stage's weights there; a model built on
-the meta device (``configure_model``, ``init_module(empty_init=True)``) is planned on meta. Inputs are explicit
+Nothing moves to the device before step 6, so no rank ever holds another stage's weights there, nor another TP
+rank's part of a weight; a model built on the meta device (``configure_model``, ``init_module(empty_init=True)``)
+is planned and sharded on meta. Inputs are explicit
 (module, first batch, config, mesh, device); nothing here holds the strategy or the Trainer.
 """
 
@@ -63,12 +65,13 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     warn_batch_coupled(pipelined, pp, num_microbatches)
     tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None
     cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh, device) if pp > 1 else None
+    if tp_plan is not None:  # before materialising: a meta-built weight gets memory for its shard only
+        apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     local = materialize(pipelined, device, seed, prefix=path)
     forget_checkpoints(lightning_module)
-    held = sum(t.numel() * t.element_size() for t in [*lightning_module.parameters(), *lightning_module.buffers()])
+    held = sum(local_shard(t).numel() * t.element_size()
+               for t in [*lightning_module.parameters(), *lightning_module.buffers()])
     report_materialized(held, full_bytes, local.initialized_bytes > 0, len(outside.read_keys) + len(local.read_keys))
-    if tp_plan is not None:
-        apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     if cut is not None:  # after TP: the groups hold the parameters the optimizer will see (DTensors under TP)
         cut.tied = tied_parameter_groups(lightning_module, path, cut.plan, mesh, cut.placement, timeout)
         equalize_tied_copies(cut.tied)
@@ -158,8 +161,8 @@ def init_seed() -> int:
 
 
 def report_materialized(local_bytes: int, full_bytes: int, initialized: bool, read: int) -> None:
-    """Log the parameter and buffer bytes every rank holds on its device (before TP shards them) against the whole
-    model's parameters."""
+    """Log the parameter and buffer bytes every rank holds on its device (its TP shards) against the whole model's
+    parameters."""
     per_rank = [(local_bytes, read)]
     if dist.is_initialized():
         per_rank = [None] * dist.get_world_size()
@@ -202,7 +205,7 @@ def warn_batch_coupled(pipelined: nn.Module, pp: int, num_microbatches: int) -> 
                        "num_microbatches=1, or GroupNorm/LayerNorm, for one process's results.")
 
 
-# ---------------------------------------------------------------------------------------------- 3, 6
+# ---------------------------------------------------------------------------------------------- 3, 5
 def tensor_parallel_plan(pipelined: nn.Module, example: tuple[tuple, dict], tp: int) -> Any:
     """Which module gets which TP style, detected on the whole module before any stage is cut out of it."""
     from lightning_merak.tensor_parallel import tp_plan_for

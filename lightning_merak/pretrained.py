@@ -3,7 +3,8 @@
 Under ``MerakStrategy.tensor_init_context`` (which Lightning enters around ``configure_model``) a transformers
 model's ``from_pretrained`` builds the model on the meta device from the folder's config and remembers the
 folder (``SafetensorsCheckpoint``). After the cut, ``materialize`` reads each local tensor from the files with
-safetensors' lazy ``safe_open`` — only this rank's tensors are ever read. Keys the files lack (a tied head
+safetensors' lazy ``safe_open`` — only this rank's tensors are ever read, and of a tensor-parallel weight only
+this rank's slice (``get_slice``). Keys the files lack (a tied head
 stored once) get the model's own init and are made equal to their tie by the build recipe.
 """
 
@@ -56,21 +57,26 @@ class SafetensorsCheckpoint:
         return None
 
     def read(self, key: str, like: torch.Tensor) -> torch.Tensor:
-        """One tensor, checked against the shape the module expects."""
+        """One tensor, checked against the shape the module expects; of a tensor-parallel parameter (a DTensor)
+        only this rank's slice is read."""
         from safetensors import safe_open
+
+        from lightning_merak.tensor_parallel.shards import shard_index
 
         path = self.file_of[key]
         if path not in self._open:
             self._open[path] = safe_open(str(path), framework="pt", device="cpu")
         handle = self._open[path]
-        shape = tuple(handle.get_slice(key).get_shape())
+        lazy = handle.get_slice(key)
+        shape = tuple(lazy.get_shape())
         if shape != tuple(like.shape):
             raise PretrainedFolderError(
                 f"{self.folder}: tensor `{key}` has shape {list(shape)} in {path.name}, but the model built from the "
                 f"folder's config expects {list(like.shape)}. The folder's weights do not belong to this config."
             )
         self.read_keys.append(key)
-        return handle.get_tensor(key)
+        index = shard_index(like)
+        return handle.get_tensor(key) if index is None else index.read(lazy)
 
     def close(self) -> None:
         self._open.clear()
