@@ -57,7 +57,8 @@ def test_effects_of_the_step_happen_once_per_micro_batch(tmp_path):
     last stage, the setup's capture and the first step's probe of the loss are quiet (attributes put back, prints
     silenced, logs ignored)."""
     m, steps = 4, 3
-    ranks = run_merak(tmp_path, "counting", 2, {"pipeline_parallel_size": 2, "num_microbatches": m}, steps=steps)
+    ranks = run_merak(tmp_path, "counting", 2, {"pipeline_parallel_size": 2, "num_microbatches": m,
+                                                "pipeline_schedule": "1f1b"}, steps=steps)
     first, last = ranks[0]["counters"], ranks[1]["counters"]
     assert first == {"calls": m * steps, "after": 0}  # the first stage's part of the step ends at the model call
     assert last == {"calls": m * steps, "after": m * steps}
