@@ -468,7 +468,8 @@ class MerakStrategy(ParallelStrategy):
 
     def remove_checkpoint(self, filepath: Any) -> None:
         path = ckpt.local_path(filepath)
-        ckpt.check_removable(path)  # on every rank, so a refusal stops all of them, not rank 0 alone
+        # on every rank, so a refusal stops all of them, and all have checked before rank 0 deletes anything
+        failures.agree(lambda: ckpt.check_removable(path), f"the check before removing {path}")
         if self.is_global_zero:
             ckpt.remove(path)
 
