@@ -5,9 +5,11 @@ as in Megatron-LM and Merak. Global rank = (dp_rank * pp + pp_rank) * tp + tp_ra
 
 Lifetime of the groups: a run ends with ``quiesce`` (nothing of it is left in flight), then its strategy
 ``retire``s the groups it made. They stay usable for a later validate/test with the same Trainer (its stage and
-tensor-parallel shards hold them), and are destroyed when another strategy builds its mesh
-(``destroy_retired``: repeated fits in one process hold one set of groups, not one per fit) or when the process
-exits (``destroy_at_exit``: gloo's and NCCL's threads end before the interpreter does).
+tensor-parallel shards hold them). A mesh's groups are reused by the next strategy of the same layout in this
+process (torch caches sub-meshes by layout, so a new mesh of that layout would be handed the old groups anyway):
+repeated fits hold one set of mesh groups per layout, not one per fit. Other retired groups (tied weights') are
+destroyed when another strategy sets up (``destroy_retired``); everything when the process exits
+(``destroy_at_exit``: gloo's and NCCL's threads end before the interpreter does).
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def build_mesh(device_type: str, dp: int, pp: int, tp: int, timeout: timedelta |
     backend's default (30 min for gloo) whatever the default group's timeout, so a rank missing from a pipeline
     or tensor-parallel collective would hang that long. A dimension spanning all ranks uses the default group.
     """
+    key = (device_type, dp, pp, tp, None if timeout is None else timeout.total_seconds(), dist.get_world_size())
+    cached = _meshes.get(key)
+    if cached is not None and all(_is_live(g) for g in mesh_groups(cached)):
+        # torch caches a mesh's sub-meshes (and so their groups) by its layout: a new mesh of the same layout would
+        # be handed the old one's, so a later run of the same layout in this process reuses its groups instead
+        reclaim(mesh_groups(cached))
+        return cached
     layout = torch.arange(dp * pp * tp).view(dp, pp, tp)
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = []
@@ -60,7 +69,9 @@ def build_mesh(device_type: str, dp: int, pp: int, tp: int, timeout: timedelta |
             if rank in ranks:
                 mine = made
         groups.append(mine)
-    return DeviceMesh.from_group(groups, device_type, mesh=layout, mesh_dim_names=MESH_DIMS)
+    mesh = DeviceMesh.from_group(groups, device_type, mesh=layout, mesh_dim_names=MESH_DIMS)
+    _meshes[key] = mesh
+    return mesh
 
 
 def mesh_groups(mesh: DeviceMesh | None) -> list[dist.ProcessGroup]:
@@ -72,6 +83,7 @@ def mesh_groups(mesh: DeviceMesh | None) -> list[dist.ProcessGroup]:
 
 # ------------------------------------------------------------------------------------------- group lifetime
 _retired: list[dist.ProcessGroup] = []  # groups of finished runs, destroyed by the next mesh or at exit
+_meshes: dict[tuple, DeviceMesh] = {}  # every mesh built, by layout: its groups live until exit (``build_mesh``)
 _made_default = False  # whether the default group is ours to destroy at exit (not the user's own)
 
 
@@ -100,12 +112,16 @@ def reclaim(groups: list[dist.ProcessGroup]) -> bool:
     return alive
 
 
-def destroy_retired() -> None:
-    """Destroy every retired group (local: other ranks do the same at the same point of their program)."""
+def destroy_retired(keep_meshes: bool = True) -> None:
+    """Destroy every retired group (local: other ranks do the same at the same point of their program); a mesh's
+    groups only with ``keep_meshes=False`` (at exit), since a later mesh of its layout reuses them."""
+    kept = {id(g) for m in _meshes.values() for g in mesh_groups(m)} if keep_meshes else set()
     for g in reversed(_retired):
-        if _is_live(g):
+        if _is_live(g) and id(g) not in kept:
             dist.destroy_process_group(g)
-    _retired.clear()
+    _retired[:] = [g for g in _retired if id(g) in kept]
+    if not keep_meshes:
+        _meshes.clear()
 
 
 def _is_live(g: dist.ProcessGroup) -> bool:
@@ -126,7 +142,7 @@ def destroy_at_exit() -> None:
     (``failures``)."""
     if not dist.is_initialized():
         return
-    destroy_retired()
+    destroy_retired(keep_meshes=False)
     if _made_default:
         dist.destroy_process_group()
 

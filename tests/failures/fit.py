@@ -72,7 +72,8 @@ def inject(module: pl.LightningModule, fail: dict, out: Path) -> None:
 
     def failing_step(batch, batch_idx):
         if how == "sigkill" and now():
-            print(f"test: SIGKILL of rank {module.global_rank} at step {fail['step']}", flush=True)
+            # to the real stdout: a capture run of the step on the last stage has its prints silenced
+            print(f"test: SIGKILL of rank {module.global_rank} at step {fail['step']}", file=sys.__stdout__, flush=True)
             mark()
             os.kill(os.getpid(), signal.SIGKILL)
         if how == "raise_before_model" and now():
