@@ -15,6 +15,7 @@ import torch
 from tests.helpers.launch import REPO, check_script
 from tests.helpers.models import reference_loader
 from tests.helpers.pipeline_models import KIND, DictData, make_module, variable_length_collate
+from tests.helpers.pipeline_runs import Group, Launches
 
 ATOL = 1e-5
 
@@ -29,23 +30,6 @@ def run_merak(tmp_path, model: str, devices: int, strategy: dict, steps: int = 3
     output = check_script(REPO / "tests/scripts/pipeline_fit.py", str(tmp_path), json.dumps(cfg), timeout=300)
     (tmp_path / "output.txt").write_text(output)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(devices)]
-
-
-def run_merak_many(root, devices: int, runs: dict[str, dict], timeout: float = 300) -> dict[str, list[dict]]:
-    """Several runs, each given as ``run_merak``'s keyword arguments but ``devices``, one after another in one
-    launch of ``devices`` processes (starting torch and Lightning on each costs more than these fits). Per run:
-    every rank's results; its output (every rank's, captured during that run only) in ``root/NAME/output.txt``."""
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = {"devices": devices, "runs": runs}
-    (root / "output.txt").write_text(check_script(REPO / "tests/scripts/pipeline_fit.py", str(root), json.dumps(cfg),
-                                                  timeout=timeout))
-    results = {}
-    for name in runs:
-        folder = root / name
-        (folder / "output.txt").write_text("".join((folder / f"output.rank{r}.txt").read_text()
-                                                   for r in range(devices)))
-        results[name] = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(devices)]
-    return results
 
 
 _REFERENCES: dict[str, dict] = {}
@@ -120,7 +104,8 @@ DROPOUT_STEPS, DROPOUT_MODULE = 3, {"dropout": 0.2}
 
 
 def _models(devices: int) -> dict[str, dict]:
-    runs = {f"model-{m}": {"model": m, "strategy": _pipeline(pp, schedule)} for m, pp, schedule in MODELS if pp == devices}
+    runs = {f"model-{m}": {"model": m, "strategy": _pipeline(pp, schedule)}
+            for m, pp, schedule in MODELS if pp == devices}
     for model, pp, pairs in SCHEDULES:
         runs.update({f"schedules-{model}-{pp}-{i}": {"model": model, "strategy": _pipeline(pp, schedule, recompute)}
                      for i, (schedule, recompute) in enumerate(pairs) if pp == devices})
@@ -136,16 +121,16 @@ def _dropout(devices: int) -> dict[str, dict]:
     return runs
 
 
-# Each group of runs is one launch: (processes, runs by name given the folder they may write to)
-GROUPS = {
+# Each group of runs is one launch (tests/helpers/pipeline_runs.py)
+GROUPS: dict[str, Group] = {
     "one_process": (1, lambda root: {
         f"dropout-reference-{m}": {"model": m, "steps": DROPOUT_STEPS, "strategy": {"rng": "microbatch"},
                                    "module": {**DROPOUT_MODULE, "batch_size": 2},
-                                   "trainer": {"accumulate_grad_batches": 4}} for m in ("gpt2", "llama")}),
+                                   "trainer": {"accumulate_grad_batches": 4}} for m in ("gpt2", "llama")}, ()),
     "four": (4, lambda root: {**_models(4), **_dropout(4), "dp2_pp2": {
-        "model": "llama", "strategy": {**_pipeline(2, "1f1b"), "num_microbatches": 2}}}),
-    "models": (2, lambda root: _models(2)),
-    "dropout": (2, lambda root: _dropout(2)),
+        "model": "llama", "strategy": {**_pipeline(2, "1f1b"), "num_microbatches": 2}}}, ()),
+    "models": (2, lambda root: _models(2), ()),
+    "dropout": (2, lambda root: _dropout(2), ()),
     "evaluation": (2, lambda root: {
         "eval_predict": {"model": "gpt2", "strategy": _pipeline(2, "1f1b"), "steps": 8, "predict": True,
                          "module": {"n": 16}, "trainer": {"limit_val_batches": 2, "val_check_interval": 2,
@@ -156,57 +141,27 @@ GROUPS = {
         "two_stages-llama": {"model": "llama", "strategy": _pipeline(2, "interleaved_1f1b")},
         "interleaved_checkpoint": {"model": "gpt2", "strategy": _pipeline(2, "interleaved_1f1b"), "steps": 2,
                                    "module": {"momentum": 0.9},
-                                   "callbacks": {"ModelCheckpoint": {"dirpath": str(root / "ckpt"),
-                                                                     "save_last": True}}}}),
+                                   "callbacks": {"ModelCheckpoint": {"dirpath": str(root / "evaluation" / "ckpt"),
+                                                                     "save_last": True}}}}, ()),
     "features": (2, lambda root: {
         "early_stopping": {"model": "gpt2", "strategy": _pipeline(2, "1f1b"), "steps": 100, "module": {"n": 16},
                            "trainer": {"limit_val_batches": 1, "max_epochs": 10},
-                           "callbacks": {"ModelCheckpoint": {"dirpath": str(root / "ckpt"), "monitor": "val_loss",
-                                                             "save_last": True},
+                           "callbacks": {"ModelCheckpoint": {"dirpath": str(root / "features" / "ckpt"),
+                                                             "monitor": "val_loss", "save_last": True},
                                          "EarlyStopping": {"monitor": "val_loss", "patience": 0, "min_delta": 10.0}}},
         "variable_length": {"model": "gpt2", "strategy": _pipeline(2, "1f1b"), "steps": 4,
                             "module": {"variable_length": True}},
         "tied": {"model": "gpt2_tied", "strategy": _pipeline(2, "1f1b"), "trainer": {"gradient_clip_val": 0.5}},
         "clipped": {"model": "sequential", "strategy": _pipeline(2, "1f1b"), "trainer": {"gradient_clip_val": 0.05}},
-        "auto": {"model": "gpt2", "steps": 4, "strategy": {"pipeline_parallel_size": 2, "num_microbatches": 4,
-                                                           "recompute": 0.5, "trace_dir": str(root / "trace")}}}),
+        "auto": {"model": "gpt2", "steps": 4, "strategy": {
+            "pipeline_parallel_size": 2, "num_microbatches": 4, "recompute": 0.5,
+            "trace_dir": str(root / "features" / "trace")}}}, ()),
 }
-
-
-class Launches:
-    """The runs of this file by name. A group is launched once, when a test first asks for one of its runs (so
-    a test's time limit covers at most the launches it needs); ``folder(name)`` holds the run's output.txt and
-    what its group wrote (checkpoints, traces)."""
-
-    def __init__(self, root) -> None:
-        self.root, self.results = root, {}
-        self.group_of = {name: group for group, (_, runs) in GROUPS.items() for name in runs(root / group)}
-
-    def folder(self, name: str):
-        return self.root / self.group_of[name]
-
-    def output(self, name: str) -> str:
-        """What every rank printed during the run (launched first)."""
-        self[name]
-        return (self.folder(name) / name / "output.txt").read_text()
-
-    def __getitem__(self, name: str) -> list[dict]:
-        group = self.group_of[name]
-        if group not in self.results:
-            devices, runs = GROUPS[group]
-            try:
-                self.results[group] = run_merak_many(self.folder(name), devices, runs(self.folder(name)))
-            except RuntimeError as err:  # the group's other tests fail at once with the same error
-                self.results[group] = err
-                raise
-        if isinstance(self.results[group], RuntimeError):
-            raise RuntimeError(f"the launch of group {group!r} failed:\n{self.results[group]}")
-        return self.results[group][name]
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> Launches:
-    return Launches(tmp_path_factory.mktemp("pipeline_training"))
+    return Launches(tmp_path_factory.mktemp("pipeline_training"), GROUPS)
 
 
 @pytest.mark.multiprocess
@@ -292,7 +247,7 @@ def test_two_stages_per_rank_checkpoint_consolidates_in_model_order(launched, tm
 
     launched["interleaved_checkpoint"]
     merged = tmp_path / "merged.ckpt"
-    assert cli.main(["consolidate", str(launched.folder("interleaved_checkpoint") / "ckpt" / "last.ckpt"), str(merged)]) == 0
+    assert cli.main(["consolidate", str(launched.folder("evaluation") / "ckpt" / "last.ckpt"), str(merged)]) == 0
     plain = torch.load(merged, weights_only=False)
     assert plain["merak_param_order"] == [n for n, _ in make_module("gpt2").named_parameters()]
     assert len(plain["optimizer_states"][0]["state"]) == len(plain["merak_param_order"])
@@ -304,7 +259,7 @@ def test_checkpoint_and_early_stopping_pp2(launched):
     # EarlyStopping with a huge min_delta stops after the second validation, on both ranks alike
     assert [r["stopped_epoch"] for r in ranks] == [1, 1]
     assert ranks[0]["best_model_path"] == ranks[1]["best_model_path"]
-    assert (launched.folder("early_stopping") / "ckpt" / "last.ckpt" / "meta.pt").is_file()
+    assert (launched.folder("features") / "ckpt" / "last.ckpt" / "meta.pt").is_file()
 
 
 @pytest.mark.multiprocess
@@ -347,7 +302,7 @@ def test_auto_schedule_and_real_timeline(launched):
     assert re.search(r"re-chosen from the times measured in step 1: (interleaved_1f1b|zbv)", output)
     assert "recomputes stage 0 4/4 forwards (50% of its forward FLOPs)" in output
 
-    events = json.loads((launched.folder("auto") / "trace" / "pipeline_step0.json").read_text())["traceEvents"]
+    events = json.loads((launched.folder("features") / "trace" / "pipeline_step0.json").read_text())["traceEvents"]
     actions = [e["name"] for e in events if e.get("ph") == "X"]
     # every rank's forwards and (input-)backwards of 4 stages x 4 micro-batches, gathered to rank 0
     assert {e["tid"] for e in events if e.get("ph") == "X"} == {0, 1}

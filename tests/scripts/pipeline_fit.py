@@ -25,6 +25,7 @@ from lightning.pytorch import callbacks as pl_callbacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_merak import MerakStrategy  # noqa: E402
+from lightning_merak.zero import optimizer_state_bytes  # noqa: E402
 from tests.helpers.pipeline_models import make_module  # noqa: E402
 
 
@@ -69,7 +70,8 @@ def fit(trainer: pl.Trainer, rec: RecordLoss, extra: list, cfg: dict) -> dict:
               "local_param_bytes": sum(p.numel() * p.element_size() for p in local),
               "local_param_names": sorted(n for n, _ in module.named_parameters()),
               "meta_tensors": sum(t.is_meta for t in [*module.parameters(), *module.buffers()]),
-              "noise_sums": getattr(module, "noise_sums", None)}
+              "noise_sums": getattr(module, "noise_sums", None),
+              "state_bytes": optimizer_state_bytes(trainer.optimizers[0]) if trainer.optimizers else None}
     for cb in extra:
         if isinstance(cb, pl_callbacks.EarlyStopping):
             result["stopped_epoch"] = cb.stopped_epoch
