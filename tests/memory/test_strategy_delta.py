@@ -6,24 +6,37 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.pipeline.test_pipeline_training import run_merak
+from tests.helpers.pipeline_runs import Launches
 
 PARAM_BYTES = 240_384  # the tiny GPT-2 (fp32)
+LAYOUTS = [
+    (1, 1, 2 * PARAM_BYTES + 400_000),  # the whole batch at once: its largest layer saves 265 kB
+    (2, 2, 480_000),  # stage 0: 2 x 122 kB of parameters, activations must shrink; stage 1's minimum: 474 kB
+]
+
+
+def _runs(pp: int, budget: int) -> dict[str, dict]:
+    """The unmanaged run and the managed one, in one launch."""
+    base = {"pipeline_parallel_size": pp, "num_microbatches": 4 if pp > 1 else None, "recompute": "none",
+            "pipeline_schedule": "1f1b"}
+    run = {"model": "gpt2", "steps": 4, "module": {"dropout": 0.1}}
+    return {f"plain-{pp}": {**run, "strategy": base},
+            f"delta-{pp}": {**run, "strategy": {**base, "memory_manager": "delta", "memory_budget": budget}}}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Launches:
+    groups = {f"pp{pp}": (devices, lambda root, pp=pp, budget=budget: _runs(pp, budget), ())
+              for devices, pp, budget in LAYOUTS}
+    return Launches(tmp_path_factory.mktemp("strategy_delta"), groups)
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("devices", "pp", "budget"), [
-    (1, 1, 2 * PARAM_BYTES + 400_000),  # the whole batch at once: its largest layer saves 265 kB
-    (2, 2, 480_000),  # stage 0: 2 x 122 kB of parameters, activations must shrink; stage 1's minimum: 474 kB
-])
-def test_delta_through_the_strategy_equals_unmanaged(tmp_path, devices, pp, budget):
+@pytest.mark.parametrize(("devices", "pp", "budget"), LAYOUTS)
+def test_delta_through_the_strategy_equals_unmanaged(launched, devices, pp, budget):
     """Tight budgets: DELTA must release activations on every stage."""
-    base = {"pipeline_parallel_size": pp, "num_microbatches": 4 if pp > 1 else None, "recompute": "none",
-            "pipeline_schedule": "1f1b"}
-    plain = run_merak(tmp_path / "plain", "gpt2", devices, base, steps=4, module={"dropout": 0.1})
-    managed = run_merak(tmp_path / "delta", "gpt2", devices,
-                        {**base, "memory_manager": "delta", "memory_budget": budget}, steps=4,
-                        module={"dropout": 0.1})
+    plain, managed = launched[f"plain-{pp}"], launched[f"delta-{pp}"]
+    assert len(plain) == len(managed) == devices
     for a, b in zip(plain, managed, strict=True):
         assert a["losses"] == b["losses"]
         for key, value in a["params"].items():
@@ -40,6 +53,6 @@ def test_delta_through_the_strategy_equals_unmanaged(tmp_path, devices, pp, budg
     released = [metrics[f"delta/swapped_bytes/stage{s}"] + metrics[f"delta/recomputed_bytes/stage{s}"]
                 for s in range(pp)]
     assert released[0] > released[1]
-    output = (tmp_path / "delta" / "output.txt").read_text()
+    output = launched.output(f"delta-{pp}")
     assert "Merak + DELTA, first planned step per stage: stage 0 keeps" in output
     assert "DELTA memory ledger (rank 1, pipeline stage 1)" in output

@@ -1,5 +1,7 @@
 """Full 3D parallelism (dp=2 x pp=2 x tp=2 on 8 processes) equals one process; its checkpoint resumes on other
-layouts (1x1x1, 1x2x1) and, consolidated, in a plain one-process script."""
+layouts (1x1x1, 1x2x1) and, consolidated, in a plain one-process script.
+
+The runs share their launches with ``tests/zero/test_zero_3d.py`` (``tests/helpers/three_d.py``)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,9 @@ import pytest
 import torch
 
 from tests.helpers.launch import REPO
-from tests.pipeline.test_pipeline_training import run_merak, run_reference
+from tests.pipeline.test_pipeline_training import run_reference
 
 ATOL = 1e-5
-THREE_D = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "num_microbatches": 2,
-           "pipeline_schedule": "1f1b", "recompute": "none"}
 
 
 def _global_losses(ranks: list[dict], dp: int) -> torch.Tensor:
@@ -23,13 +23,8 @@ def _global_losses(ranks: list[dict], dp: int) -> torch.Tensor:
 
 
 @pytest.mark.multiprocess
-def test_3d_gpt2_equals_one_process_and_resumes_on_other_layouts(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    # n=32 samples, global batch 16: two steps an epoch; a checkpoint at each epoch end
-    ranks = run_merak(tmp_path / "3d", "gpt2", 8, THREE_D, steps=4, module={"n": 32},
-                      trainer={"max_epochs": 2, "limit_val_batches": 0},
-                      callbacks={"ModelCheckpoint": {"dirpath": str(ckpt), "save_top_k": -1,
-                                                     "filename": "{epoch}", "every_n_epochs": 1}})
+def test_3d_gpt2_equals_one_process(three_d):
+    ranks = three_d["gpt2_3d"]
     ref = run_reference("gpt2", steps=4, dp=2, module={"n": 32})
     full = _global_losses(ranks, dp=2)
     torch.testing.assert_close(full, torch.tensor(ref["losses"]), atol=ATOL, rtol=0)
@@ -37,19 +32,26 @@ def test_3d_gpt2_equals_one_process_and_resumes_on_other_layouts(tmp_path):
         for key, value in rank["params"].items():
             torch.testing.assert_close(value, ref["params"][key], atol=ATOL, rtol=0, msg=key)
 
-    first_epoch = str(ckpt / "epoch=0.ckpt")
-    # resume on one process (batch 16 = the 3D run's global batch), then on pp=2 alone
-    for devices, strategy in ((1, {"recompute": "none"}), (2, {"pipeline_parallel_size": 2, "num_microbatches": 4,
-                                                              "pipeline_schedule": "gpipe", "recompute": "none"})):
-        resumed = run_merak(tmp_path / f"resume{devices}", "gpt2", devices, strategy, steps=-1,
-                            module={"n": 32, "batch_size": 16}, trainer={"max_epochs": 2, "limit_val_batches": 0},
-                            ckpt_path=first_epoch)
-        torch.testing.assert_close(torch.tensor(resumed[0]["losses"]), full[2:], atol=ATOL, rtol=0)
+
+@pytest.mark.multiprocess
+def test_3d_checkpoint_resumes_on_pp2(three_d):
+    full = _global_losses(three_d["gpt2_3d"], dp=2)
+    # the first epoch's checkpoint resumed on pp=2 alone
+    torch.testing.assert_close(torch.tensor(three_d["resume_pp2"][0]["losses"]), full[2:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_3d_checkpoint_resumes_on_one_process_and_in_a_plain_script(three_d, tmp_path):
+    full = _global_losses(three_d["gpt2_3d"], dp=2)
+    # the first epoch's checkpoint resumed on one process
+    torch.testing.assert_close(torch.tensor(three_d["resume_one"][0]["losses"]), full[2:], atol=ATOL, rtol=0)
 
     # consolidated into one ordinary Lightning checkpoint, resumed in a plain script without MerakStrategy
+    from lightning_merak import cli
+
+    first_epoch = str(three_d.folder("eight") / "ckpt" / "epoch=0.ckpt")
     merged = tmp_path / "merged.ckpt"
-    subprocess.run([sys.executable, "-m", "lightning_merak.cli", "consolidate", first_epoch, str(merged)],
-                   check=True, cwd=REPO, timeout=120)
+    assert cli.main(["consolidate", first_epoch, str(merged)]) == 0
     script = f"""
 import sys, torch, lightning.pytorch as pl
 sys.path.insert(0, {str(REPO)!r})
@@ -74,8 +76,8 @@ torch.save(losses, {str(tmp_path / "plain.pt")!r})
 
 
 @pytest.mark.multiprocess
-def test_3d_llama_equals_one_process(tmp_path):
-    ranks = run_merak(tmp_path, "llama", 8, THREE_D, steps=3)
+def test_3d_llama_equals_one_process(three_d):
+    ranks = three_d["llama_3d"]
     ref = run_reference("llama", steps=3, dp=2)
     torch.testing.assert_close(_global_losses(ranks, 2), torch.tensor(ref["losses"]), atol=ATOL, rtol=0)
     for rank in ranks:
@@ -84,15 +86,9 @@ def test_3d_llama_equals_one_process(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_tp2_optimizer_state_resumes_on_one_process(tmp_path):
+def test_tp2_optimizer_state_resumes_on_one_process(three_d):
     """SGD momentum of per-head-sharded (fused q|k|v) parameters survives a tp=2 -> tp=1 resume."""
-    module = {"n": 32, "momentum": 0.9, "batch_size": 16}
-    ckpt = tmp_path / "ckpt"
-    full = run_merak(tmp_path / "tp2", "gpt2", 2, {"tensor_parallel_size": 2}, steps=-1, module=module,
-                     trainer={"max_epochs": 2, "limit_val_batches": 0},
-                     callbacks={"ModelCheckpoint": {"dirpath": str(ckpt), "save_top_k": -1, "filename": "{epoch}"}})
-    resumed = run_merak(tmp_path / "tp1", "gpt2", 1, {}, steps=-1, module=module,
-                        trainer={"max_epochs": 2, "limit_val_batches": 0}, ckpt_path=str(ckpt / "epoch=0.ckpt"))
+    full, resumed = three_d["tp2"], three_d["tp1_resume"]
     torch.testing.assert_close(torch.tensor(resumed[0]["losses"]), torch.tensor(full[0]["losses"][2:]),
                                atol=ATOL, rtol=0)
     for key, value in resumed[0]["params"].items():

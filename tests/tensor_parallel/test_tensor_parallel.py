@@ -14,6 +14,16 @@ from tests.tensor_parallel.models import build
 TOL = 1e-5
 
 
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """One 2-process launch runs every tp = 2 check (``workers.all_checks``); each test asserts its own."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path_factory.mktemp("tp2")
+    dcp.save(build("demo", seed=3).state_dict(), checkpoint_id=str(folder / "one"), no_dist=True)
+    return [{"folder": folder, **r} for r in spawn(workers.all_checks, 2, str(folder), timeout=240)]
+
+
 def _check(results: dict) -> None:
     for (name, k), d in results.items():
         for key in ("logits", "loss", "grads", "params", "vs_first_chunking"):
@@ -24,27 +34,26 @@ def _check(results: dict) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("names", [["gpt2", "llama"], ["bert", "vit"]], ids=["gpt2+llama", "bert+vit"])
-def test_transformers_models_tp2_equal_one_process(names):
+def test_transformers_models_tp2_equal_one_process(ranks, names):
     """GPT-2 (Conv1D, fused q|k|v), Llama (its own plan, GQA), BERT, ViT: plain TP and k = 2, 4, 3 SGD steps."""
-    results = spawn(workers.compare_models, 2, names, [1, 2, 4], timeout=120)
+    results = [r["+".join(names)] for r in ranks]
     assert results[0] == results[1]
     _check(results[0])
 
 
 @pytest.mark.multiprocess
-def test_lightning_demo_transformer_and_adamw_tp2_equal_one_process():
+def test_lightning_demo_transformer_and_adamw_tp2_equal_one_process(ranks):
     """Lightning's demo ``Transformer`` (nn.MultiheadAttention + nn.Linear FFN); Llama with 3 AdamW steps.
 
     (AdamW on the demo would compare noise: MHA's key bias has a mathematically zero gradient, ~1e-9 in
     float32, which Adam normalises to ±lr.)
     """
-    results = spawn(workers.compare_models, 2, ["demo", "llama:adamw"], [1, 2, 4], timeout=120)
-    _check(results[0])
+    _check(ranks[0]["demo+llama:adamw"])
 
 
 @pytest.mark.multiprocess
-def test_clip_grad_norm_counts_shards_and_replicas_once():
-    r = spawn(workers.clip_norms, 2, timeout=60)[0]
+def test_clip_grad_norm_counts_shards_and_replicas_once(ranks):
+    r = ranks[0]["clip_norms"]
     assert r["norm"] == pytest.approx(r["ref_norm"], rel=1e-5)
     assert r["ref_norm"] > 0.5  # clipping really happened
     assert r["clipped_grads"] < TOL
@@ -52,8 +61,8 @@ def test_clip_grad_norm_counts_shards_and_replicas_once():
 
 
 @pytest.mark.multiprocess
-def test_stubbed_stage_and_cross_node_warning():
-    r = spawn(workers.stubs_and_warning, 2, timeout=60)[0]
+def test_stubbed_stage_and_cross_node_warning(ranks):
+    r = ranks[0]["stubs_and_warning"]
     assert r["hidden"] < TOL
     assert not any(".layers.1." in n or n.startswith("lm_head") for n in r["sharded"])
     assert any("model.layers.0.self_attn.q_proj" in n for n in r["sharded"])
@@ -62,14 +71,13 @@ def test_stubbed_stage_and_cross_node_warning():
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["demo"])
-def test_dcp_checkpoint_tp2_to_one_process_and_back(tmp_path, name):
-    """Fused q|k|v (nn.MultiheadAttention here, GPT-2 below): strided shards save as the original tensors."""
+def test_dcp_checkpoint_tp2_to_one_process_and_back(ranks, name):
+    """Fused q|k|v (nn.MultiheadAttention here, GPT-2 below): strided shards save as the original tensors.
+    The launch saved the tp model (seed 1) to ``tp2`` and loaded the one-process ``one`` (seed 3) back."""
     import torch.distributed.checkpoint as dcp
 
-    tp2, one = tmp_path / "tp2", tmp_path / "one"
-    dcp.save(build(name, seed=3).state_dict(), checkpoint_id=str(one), no_dist=True)
-    back = spawn(workers.checkpoint_round_trip, 2, name, str(tp2), str(one), timeout=60)
-    assert back == [0.0, 0.0]
+    tp2 = ranks[0]["folder"] / "tp2"
+    assert [r["checkpoint_round_trip"] for r in ranks] == [0.0, 0.0]
     expected, model = build(name, seed=1), build(name, seed=2)
     state = model.state_dict()
     dcp.load(state, checkpoint_id=str(tp2), no_dist=True)
@@ -189,13 +197,14 @@ def test_plan_for_other_tp_size_rejected_by_apply():
 
 
 @pytest.mark.multiprocess
-def test_gpt2_model_and_optimizer_state_checkpoint_tp2_to_one_process(tmp_path):
+def test_gpt2_model_and_optimizer_state_checkpoint_tp2_to_one_process(ranks):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from tests.tensor_parallel.models import batch, logits_and_loss
 
-    assert spawn(workers.optimizer_checkpoint, 2, str(tmp_path), timeout=60) == [0.0, 0.0]
+    assert [r["optimizer_checkpoint"] for r in ranks] == [0.0, 0.0]
+    path = ranks[0]["folder"] / "optimizer"
     ref = build("gpt2")
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     for step in range(2):
@@ -206,7 +215,7 @@ def test_gpt2_model_and_optimizer_state_checkpoint_tp2_to_one_process(tmp_path):
     want = {k: v["momentum_buffer"].clone() for k, v in state["optim"]["state"].items()}
     for v in state["optim"]["state"].values():
         v["momentum_buffer"].zero_()
-    dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
     assert "transformer.h.0.attn.c_attn.weight" in want
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(state["model"][k], v, atol=TOL, rtol=0, msg=k)
@@ -228,8 +237,8 @@ def test_detection_has_no_side_effects_and_takes_args_kwargs_pair():
 
 
 @pytest.mark.multiprocess
-def test_micro_batch_of_one_splits_the_sequence():
-    diffs = spawn(workers.batch_of_one, 2, timeout=60)[0]
+def test_micro_batch_of_one_splits_the_sequence(ranks):
+    diffs = ranks[0]["batch_of_one"]
     assert max(diffs.values()) < TOL, diffs
 
 

@@ -192,3 +192,18 @@ def batch_of_one(rank: int, world: int) -> dict:
             results.append((logits.detach(), {n: _full(p.grad) for n, p in m.named_parameters()}))
         out[name] = max(float((results[0][0] - results[1][0]).abs().max()), _max_diff(results[1][1], results[0][1]))
     return out
+
+
+def all_checks(rank: int, world: int, folder: str) -> dict:
+    """Every check above in one launch (spawn start-up of torch and transformers costs more than the checks);
+    the tests read their own entry. ``folder`` holds the one-process DCP checkpoint ``one`` (demo, seed 3)."""
+    return {
+        "gpt2+llama": compare_models(rank, world, ["gpt2", "llama"], [1, 2, 4]),
+        "bert+vit": compare_models(rank, world, ["bert", "vit"], [1, 2, 4]),
+        "demo+llama:adamw": compare_models(rank, world, ["demo", "llama:adamw"], [1, 2, 4]),
+        "clip_norms": clip_norms(rank, world),
+        "stubs_and_warning": stubs_and_warning(rank, world),
+        "checkpoint_round_trip": checkpoint_round_trip(rank, world, "demo", f"{folder}/tp2", f"{folder}/one"),
+        "optimizer_checkpoint": optimizer_checkpoint(rank, world, f"{folder}/optimizer"),
+        "batch_of_one": batch_of_one(rank, world),
+    }

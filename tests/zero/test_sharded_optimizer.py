@@ -50,12 +50,25 @@ def _worker(rank: int, world: int, stage: int, one_sided: bool) -> dict:
             "written": written, "owned": set(sharded.ownership.owned(rank)), "kept": len(opt.state)}
 
 
-@pytest.mark.multiprocess
 # one_sided: rank 1 never takes the branch, so its gradient exists on one replica only (stage 2 reduces it as
 # zero there; stage 1's all-reduce is topology.allreduce_grads, whose handling of that case is its own)
-@pytest.mark.parametrize(("stage", "one_sided"), [(1, False), (2, True)])
-def test_sharded_optimizer_equals_one_process_and_keeps_only_owned_state(stage, one_sided):
-    results = spawn(_worker, 2, stage, one_sided)
+CASES = [(1, False), (2, True)]
+
+
+def _cases(rank: int, world: int) -> dict:
+    return {case: _worker(rank, world, *case) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    """Both cases in one 2-process launch."""
+    return spawn(_cases, 2)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("stage", "one_sided"), CASES)
+def test_sharded_optimizer_equals_one_process_and_keeps_only_owned_state(ranks, stage, one_sided):
+    results = [r[(stage, one_sided)] for r in ranks]
     for res in results:
         for key, value in res["reference"].items():
             torch.testing.assert_close(res["params"][key], value, atol=1e-6, rtol=0, msg=key)
