@@ -105,3 +105,13 @@ def reference_loader(dataset: Dataset, global_batch: int, shuffle: bool = True) 
     """What the data-parallel ranks draw together, for a one-process reference (see DESIGN.md, Testing)."""
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=0)
     return DataLoader(dataset, batch_size=global_batch, sampler=sampler)
+
+
+class RecordLoss(pl.Callback):
+    """The loss Lightning receives from each training step, as the test scripts report it."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))

@@ -26,15 +26,8 @@ from lightning.pytorch import callbacks as pl_callbacks
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_merak import MerakStrategy  # noqa: E402
 from lightning_merak.zero import optimizer_state_bytes  # noqa: E402
+from tests.helpers.models import RecordLoss  # noqa: E402
 from tests.helpers.pipeline_models import make_module  # noqa: E402
-
-
-class RecordLoss(pl.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
 
 
 def make_trainer(cfg: dict, devices: int) -> tuple[pl.Trainer, RecordLoss, list]:

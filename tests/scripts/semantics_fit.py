@@ -17,16 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_merak import MerakStrategy  # noqa: E402
+from tests.helpers.models import RecordLoss  # noqa: E402
 from tests.pipeline.semantics_models import make  # noqa: E402
-
-
-class RecordLoss(pl.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-
 
 if __name__ == "__main__":
     out, cfg = Path(sys.argv[1]), json.loads(sys.argv[2])
