@@ -395,7 +395,7 @@ class PipelineEngine:
         """"auto"'s choice for every step: a whole-batch loss wherever any replica's loss coupled its first batch
         (one flag for the world, so every pipeline runs the same schedule)."""
         couples, whole_loss, micro_loss, unmergeable, draws = verdict
-        flag = torch.tensor([float(couples)])
+        flag = torch.tensor([float(couples)], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         couples = bool(flag.item())
         fits = self._whole_batch_fits()
