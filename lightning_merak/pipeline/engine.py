@@ -251,6 +251,7 @@ class PipelineEngine:
         varies = any(tuple(t.shape) != tuple(w.shape) for p in per for k in (0, 1) for t, w in zip(p[k], widest[k],
                                                                                                    strict=True))
         runner.shapes = [tuple(tuple(tuple(t.shape) for t in p[k]) for k in (0, 1)) for p in per] if varies else None
+        runner.widest_sends = [tuple(t.shape) for t in widest[1]]
         return widest
 
     def _capture_inputs(self, step: Any, batch: Any, micro: list[Any], batch_idx: int, args: tuple,

@@ -193,6 +193,7 @@ class StageRunner(nn.Module):
         self.whole: WholeBatchLoss | None = None  # this step computes the loss over the whole batch
         # per micro-batch (received shapes, sent shapes) where they differ within the step, else None
         self.shapes: list[tuple[tuple, tuple]] | None = None
+        self.widest_sends: list[tuple[int, ...]] = []  # the next stage's receive buffers (set with ``shapes``)
         self.rng: Any = None  # the step's RNG streams (``rng.StepStreams`` or ``rng.MicrobatchRNG``), or None
         self.batch_index = 0
         self._params: list[nn.Parameter] | None = None
@@ -223,7 +224,7 @@ class StageRunner(nn.Module):
             args, kwargs = self.inputs[index]
             sent = self.stage(*received, model_args=args, model_kwargs=kwargs)
             if self.shapes is not None:
-                sent = tuple(_pad(t, shape) for t, shape in zip(sent, self.widest_sends(), strict=True))
+                sent = tuple(_pad(t, shape) for t, shape in zip(sent, self.widest_sends, strict=True))
             return sent
         if self.whole is not None:
             return self.whole.forward(self, index, received)
@@ -233,10 +234,6 @@ class StageRunner(nn.Module):
         if not isinstance(loss, torch.Tensor):
             return torch.zeros(())  # forward-only use: the step's output is kept in step_outputs
         return loss * (self.weights[index] * self.loss_scale)
-
-    def widest_sends(self) -> list[tuple[int, ...]]:
-        return [tuple(max(sizes) for sizes in zip(*shapes, strict=True))
-                for shapes in zip(*(own[1] for own in self.shapes), strict=True)]
 
     def run_step(self, step: Callable[[], Any], received: tuple, weight: float | None) -> Any:
         """The user's step with the pipelined module's forward running this (last) stage on ``received``; what it
