@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 3
@@ -56,18 +57,29 @@ def worker(spec: dict) -> None:
     trainer.fit(model, datamodule=data)
 
 
-def launch(spec: dict, timeout: int = 1200) -> tuple[float, float]:
-    """(tokens/s, seconds per step) of one fresh run of ``spec``."""
+class Run(NamedTuple):
+    """One launch: tokens/s and seconds per step after the warm-up, and (pipelines) the step the simulator
+    predicted from the stage times measured in an early step (``PipelineEngine`` logs it), in seconds."""
+
+    tokens: float
+    step: float
+    simulated: float | None
+
+
+def launch(spec: dict, timeout: int = 1200) -> Run:
+    """One fresh run of ``spec``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "benchmarks.common", json.dumps(spec)], capture_output=True,
                          text=True, env=env, cwd=REPO, timeout=timeout)
     match = re.search(r"RESULT ([0-9.]+) ([0-9.]+)", out.stdout)
     if not match:
         raise RuntimeError(f"run failed: {spec}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return float(match.group(1)), float(match.group(2))
+    simulated = re.search(r"simulated step from the stage times measured in step \d+: ([0-9.e+-]+) s",
+                          out.stdout + out.stderr)
+    return Run(float(match.group(1)), float(match.group(2)), float(simulated.group(1)) if simulated else None)
 
 
-def alternate(specs: dict[str, dict], rounds: int) -> dict[str, list[tuple[float, float]]]:
+def alternate(specs: dict[str, dict], rounds: int) -> dict[str, list[Run]]:
     """Run every spec once per round, in an order that rotates each round; print as results come."""
     names = list(specs)
     results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
@@ -75,17 +87,22 @@ def alternate(specs: dict[str, dict], rounds: int) -> dict[str, list[tuple[float
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             results[name].append(launch(specs[name]))
-            tps, sps = results[name][-1]
-            print(f"round {r}: {name:<32} {tps:10.1f} tokens/s  {sps:7.3f} s/step", flush=True)
+            run = results[name][-1]
+            print(f"round {r}: {name:<32} {run.tokens:10.1f} tokens/s  {run.step:7.3f} s/step", flush=True)
     return results
 
 
-def median_step(results: list[tuple[float, float]]) -> float:
-    return statistics.median(s for _, s in results)
+def median_step(results: list[Run]) -> float:
+    return statistics.median(r.step for r in results)
 
 
-def median_tokens(results: list[tuple[float, float]]) -> float:
-    return statistics.median(t for t, _ in results)
+def median_tokens(results: list[Run]) -> float:
+    return statistics.median(r.tokens for r in results)
+
+
+def median_simulated(results: list[Run]) -> float | None:
+    values = [r.simulated for r in results if r.simulated is not None]
+    return statistics.median(values) if values else None
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ Configurations of the same GPT-2, pipeline of 2 ranks, same batch and micro-batc
 - ``auto (defaults)``: ``MerakStrategy``'s defaults, no budget; ``auto + stage-0 budget``: the same budget as
   Merak's row. The simulated column of the auto rows is that of the schedule auto chooses (named beside it).
 
-Each runs in fresh launches, alternating; the script prints measured step-time speed-ups over the baseline next
-to the simulator's predictions from the same partition plans (FLOPs as costs, no communication), and the
-error between the two.
+Each runs in fresh launches, alternating. Two predictions stand beside each measured step:
+
+- the speed-up over the baseline that the FLOP model predicts from the same partition plans (FLOPs as costs, no
+  communication): what ``auto`` decides the placement by, before any step;
+- the step time the simulator predicts from the stage times measured in step 1 of that run (the engine logs it
+  for every schedule; ``auto`` re-chooses by it): the simulator's own error, the cost model aside.
 
     python -m benchmarks.schedules --rounds 2 --steps 10
 """
@@ -26,7 +29,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import alternate, median_step
+from benchmarks.common import alternate, median_simulated, median_step
 
 MODEL = {"n_layer": 8, "n_embd": 128, "n_head": 4, "vocab_size": 512, "seq_len": 128}
 DATA = {"batch_size": 16, "seq_len": 128, "vocab_size": 512, "n_samples": 4096}
@@ -115,12 +118,16 @@ def main() -> None:
     results = alternate(specs, args.rounds)
     baseline = median_step(results["1f1b + full recompute"])
     base_sim = predicted["1f1b + full recompute"]
-    print(f"{'configuration':<38} {'s/step':>8} {'measured x':>11} {'simulated x':>12} {'sim error':>10}  chosen")
+    print(f"{'configuration':<38} {'s/step':>8} {'measured x':>11} {'FLOP model x':>13} {'its error':>10} "
+          f"{'simulated s':>12} {'sim error':>10}  chosen")
     for name in specs:
-        measured = baseline / median_step(results[name])
-        sim = base_sim / predicted[name]
-        print(f"{name:<38} {median_step(results[name]):8.3f} {measured:11.3f} {sim:12.3f} "
-              f"{abs(measured - sim) / sim:9.1%}  {chosen.get(name, '')}")
+        step = median_step(results[name])
+        measured = baseline / step
+        flops = base_sim / predicted[name]
+        sim = median_simulated(results[name])
+        sim_text = f"{sim:12.3f} {abs(step - sim) / step:9.1%}" if sim is not None else f"{'-':>12} {'-':>10}"
+        print(f"{name:<38} {step:8.3f} {measured:11.3f} {flops:13.3f} {abs(measured - flops) / flops:9.1%} "
+              f"{sim_text}  {chosen.get(name, '')}")
 
 
 if __name__ == "__main__":

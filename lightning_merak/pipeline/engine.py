@@ -154,6 +154,9 @@ class PipelineEngine:
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()
         self._last_schedule: Any = None
         self._delta_reported = False
+        # the step the simulator predicts from step AUTO_MEASURED_STEP's measured stage times (seconds); until
+        # then the schedules record their timelines
+        self.simulated_step: float | None = None
         # a loss over the whole batch (True), per micro-batch (False), or None: "auto" decides on the first step
         self.batch_loss = batch_loss
         self.whole_batch = {"whole": True, "microbatch": False}.get(batch_loss) if num_microbatches > 1 else False
@@ -192,7 +195,7 @@ class PipelineEngine:
         table = None if self.pre_checkpoint or not spec(self.schedule_name).pre_checkpoints else ()
         schedule = build_schedule(self.schedule_name, stages if len(stages) > 1 else stages[0],
                                   self.num_microbatches, loss_fn=_identity_loss, recompute_table=table,
-                                  record_timeline=self.trace_dir is not None or self.auto.reselects,
+                                  record_timeline=self.trace_dir is not None or self.simulated_step is None,
                                   whole_batch_loss=whole)
         self._schedules[signature] = schedule
         if len(self._schedules) > SCHEDULE_CACHE:
@@ -331,8 +334,8 @@ class PipelineEngine:
 
     def end_step(self, global_step: int) -> dict[str, float]:
         """After the optimizer step: "auto"'s re-choice once, and every stage's DELTA ledger as metrics."""
-        if self.auto.reselects and global_step >= AUTO_MEASURED_STEP and self._last_schedule is not None:
-            self._choose_from_measurements(self._last_schedule, global_step)
+        if self.simulated_step is None and global_step >= AUTO_MEASURED_STEP and self._last_schedule is not None:
+            self._measured(self._last_schedule, global_step)
         return self._memory_figures(self.delta.end_step()) if self.delta is not None else {}
 
     def _memory_figures(self, stats: dict[str, float]) -> dict[str, float]:
@@ -348,20 +351,28 @@ class PipelineEngine:
                 f"{format_bytes(st['delta/allowance_bytes'])})" for i, st in enumerate(per_stage)))
         return {f"{k}/stage{i}": v for i, st in enumerate(per_stage) for k, v in st.items()}
 
-    def _choose_from_measurements(self, schedule: Any, global_step: int) -> None:
-        """Re-run ``auto``'s choice with this step's measured stage times (rank 0's pipeline decides for all
-        replicas), then rebuild the schedules with the new schedule and recompute ratios."""
+    def _measured(self, schedule: Any, global_step: int) -> None:
+        """Once, from this step's measured stage times (rank 0's pipeline decides for all replicas): "auto"'s
+        re-choice, and the step the simulator predicts for the schedule that runs from now on (logged, and kept
+        as ``simulated_step``); then the schedules are rebuilt, without timelines."""
         events: list[Any] = [None] * self.pp_size
         dist.all_gather_object(events, schedule.timeline_events, group=self.pp_group)
+        every = [e for rank_events in events for e in rank_events]
+        reselects = self.auto.reselects
 
-        def decide() -> tuple[str, tuple[float, ...], str]:
-            decision = self.auto.remeasured([e for rank_events in events for e in rank_events], global_step)
-            return decision.name, decision.ratios, decision.reason
+        def decide() -> tuple[str, tuple[float, ...], str, float]:
+            decision = self.auto.remeasured(every, global_step) if reselects else self.auto.decision
+            return decision.name, decision.ratios, decision.reason, self.auto.simulated_seconds(every, decision)
 
         # on rank 0 alone while the others wait in the broadcast: an error there is raised on every rank
-        name, ratios, reason = failures.rank_local(decide, "pipeline_schedule='auto''s re-choice",
-                                                   runs=dist.get_rank() == 0)
-        rank_zero_info(f"Merak pipeline_schedule='auto', {reason}")
+        name, ratios, reason, self.simulated_step = failures.rank_local(
+            decide, "the simulation from measured times (and pipeline_schedule='auto''s re-choice)",
+            runs=dist.get_rank() == 0)
+        if reselects:
+            rank_zero_info(f"Merak pipeline_schedule='auto', {reason}")
+        rank_zero_info(f"Merak {name}: simulated step from the stage times measured in step {global_step}: "
+                       f"{self.simulated_step:.4g} s (compute only; the optimizer step and Lightning's loop add to "
+                       "the measured one)")
         self.auto.settle(ScheduleDecision(name, tuple(ratios), reason))
         self.use_schedule(name)
 

@@ -191,3 +191,21 @@ def test_config_auto_is_the_default_and_checks_each_candidates_rules() -> None:
     assert MerakConfig(pipeline_parallel_size=2, partition=["h.2"]).placements == (1,)
     with pytest.raises(MerakConfigError, match="pipeline_schedule='auto' needs 1 or 3"):
         MerakConfig(pipeline_parallel_size=2, partition=["h.1", "h.2"])
+
+
+def test_simulated_seconds_from_measured_times_of_a_named_schedule() -> None:
+    """What the engine logs after step 1 for any schedule (and the schedules benchmark holds against the measured
+    step): 1F1B on 2 ranks, 2 micro-batches, measured F = 1 s and B = 2 s everywhere. By hand: rank 1 runs
+    F0 [1, 2], B0 [2, 4], F1 [4, 5], B1 [5, 7]; rank 0 then B0 [4, 6] and B1 [7, 9]: 9 s."""
+    named = AutoSchedule("1f1b", "none", None, 2, 2, [MEM] * 2, pre_checkpoint=False)
+    events = [{"action": a, "start": 0.0, "end": d} for a, d in
+              [("0F0", 1.0), ("0F1", 1.0), ("0B0", 2.0), ("0B1", 2.0), ("1F0", 1.0), ("1F1", 1.0), ("1B0", 2.0),
+               ("1B1", 2.0)]]
+    assert named.simulated_seconds(events, named.decision) == pytest.approx(9.0)
+    # stage 0 recomputes half its forward inside its backward (Merak's ratios for 0.5: the last stage none); every
+    # B measured 2.5 s: stage 0's is 2 s + 0.5 s recompute, stage 1's 2.5 s. By hand: rank 1 F0 [1, 2],
+    # B0 [2, 4.5], F1 [4.5, 5.5], B1 [5.5, 8]; rank 0 B0 [4.5, 7], B1 [8, 10.5]
+    halved = AutoSchedule("1f1b", 0.5, None, 2, 2, [MEM] * 2, pre_checkpoint=False)
+    assert halved.ratios == (0.5, 0.0)
+    slower = [dict(e, end=2.5) if "B" in e["action"] else e for e in events]
+    assert halved.simulated_seconds(slower, halved.decision) == pytest.approx(10.5)

@@ -300,6 +300,9 @@ def test_auto_schedule_and_real_timeline(launched):
     assert chosen and chosen[1] in ("interleaved_1f1b", "zbv"), output[-3000:]
     assert "into 4 stages (pipeline rank of each stage:" in output
     assert re.search(r"re-chosen from the times measured in step 1: (interleaved_1f1b|zbv)", output)
+    simulated = re.search(r"Merak (\S+): simulated step from the stage times measured in step 1: ([0-9.e+-]+) s",
+                          output)
+    assert simulated and simulated[1] in ("interleaved_1f1b", "zbv") and float(simulated[2]) > 0
     assert "recomputes stage 0 4/4 forwards (50% of its forward FLOPs)" in output
 
     events = json.loads((launched.folder("features") / "trace" / "pipeline_step0.json").read_text())["traceEvents"]

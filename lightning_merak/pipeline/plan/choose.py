@@ -259,6 +259,13 @@ class AutoSchedule:
         return ScheduleDecision(choice.name, choice.ratios, f"re-chosen from the times measured in step {step}: "
                                                             f"{choice.reason}")
 
+    def simulated_seconds(self, events: Sequence[dict], decision: ScheduleDecision) -> float:
+        """``decision``'s step as the simulator predicts it from a real step's measured stage times: what
+        ``remeasured`` compares candidates by, and what ``benchmarks/schedules.py`` holds against the measured
+        step time (the simulator's truth, apart from the FLOP model's)."""
+        costs = with_ratios(measured_costs(events, self.costs, self.ratios), decision.ratios)
+        return simulate(self._schedule(decision.name), costs, self.link).makespan
+
     def settle(self, decision: ScheduleDecision) -> None:
         self.decision, self.settled = decision, True
 
