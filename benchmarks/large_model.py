@@ -7,7 +7,11 @@ the peak of two SGD training steps (weights + gradients + activations; SGD keeps
 - pp=4, the model built eagerly in ``__init__`` (every rank builds all of it on the CPU, then keeps its stage);
 - pp=4, built in ``configure_model()`` (meta device; each rank initialises only its stage);
 - pp=4, ``from_pretrained(folder)`` in ``configure_model()`` (each rank reads only its stage's tensors);
-- pp=2 x tp=2, built in ``configure_model()``.
+- pp=2 x tp=2, built in ``configure_model()``;
+- pp=4, ``configure_model()`` and ``from_pretrained``, with ``memory_budget`` set to 0.6x (the issue's target)
+  and 0.65x the full model's bytes and ``recompute="stage_aware"``: the budget drives the cut (the memory-aware
+  partition) and the recompute ratios. A budget no cut can meet ends at start-up with the partition's error,
+  which names the least achievable worst stage; the row prints it.
 
 Run: ``.venv/bin/python benchmarks/large_model.py [--layers 24 --width 1024]`` (about 5 minutes on 2 cores).
 Resident memory on CPU is what the device would hold on a GPU run: the ranks' parameters live there.
@@ -68,8 +72,9 @@ def worker(args: argparse.Namespace) -> None:
             return torch.utils.data.DataLoader(ids, batch_size=args.batch)
 
     pp, tp = args.pp, args.tp
+    memory = {"recompute": "stage_aware", "memory_budget": args.budget} if args.budget else {"recompute": "none"}
     strategy = "auto" if pp * tp == 1 else MerakStrategy(pipeline_parallel_size=pp, tensor_parallel_size=tp,
-                                                          pipeline_schedule="1f1b", recompute="none")
+                                                          pipeline_schedule="1f1b", **memory)
     trainer = pl.Trainer(accelerator="cpu", devices=pp * tp, strategy=strategy, max_steps=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     module = GPT()
@@ -82,12 +87,21 @@ def worker(args: argparse.Namespace) -> None:
     out.write_text(json.dumps({"growth": peak - baseline, "held": held}))
 
 
-def run(case: str, build: str, pp: int, tp: int, common: list[str], folder: str) -> list[dict]:
+def run(build: str, pp: int, tp: int, common: list[str], folder: str, budget: int = 0) -> tuple[list[dict], str]:
+    """Each rank's figures, and the start-up log's memory lines (or the error a budget no cut meets ended on)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(HERE), "--worker", "--build", build, "--pp", str(pp), "--tp", str(tp),
-               "--out", out, "--folder", folder, *common]
-        subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(pp * tp)]
+               "--out", out, "--folder", folder, "--budget", str(budget), *common]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        log = done.stdout + done.stderr
+        notes = [line.strip() for line in log.splitlines()
+                 if "memory_budget" in line and ("per stage static" in line or "cuts moved" in line
+                                                  or "Error" in line)]
+        if done.returncode:
+            if budget and any("PartitionError" in n or "MemoryBudgetError" in n for n in notes):
+                return [], notes[-1]
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log[-4000:]}")
+        return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(pp * tp)], "\n".join(notes)
 
 
 def main() -> None:
@@ -102,6 +116,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--out", default="")
     parser.add_argument("--folder", default="")
+    parser.add_argument("--budget", type=int, default=0, help="memory_budget in bytes (0: none)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -116,19 +131,26 @@ def main() -> None:
         full = sum(p.numel() * p.element_size() for p in model.parameters())
         model.save_pretrained(folder)  # the "pretrained" checkpoint (random weights: nothing is downloaded)
         del model
-        cases = [("one process, eager", "eager", 1, 1), ("pp=4, eager __init__", "eager", 4, 1),
-                 ("pp=4, configure_model", "meta", 4, 1), ("pp=4, from_pretrained", "pretrained", 4, 1),
-                 ("pp=2 x tp=2, configure_model", "meta", 2, 2)]
+        cases = [("one process, eager", "eager", 1, 1, 0.0), ("pp=4, eager __init__", "eager", 4, 1, 0.0),
+                 ("pp=4, configure_model", "meta", 4, 1, 0.0), ("pp=4, from_pretrained", "pretrained", 4, 1, 0.0),
+                 ("pp=2 x tp=2, configure_model", "meta", 2, 2, 0.0)]
+        cases += [(f"pp=4, {name}, budget {share}x", build, 4, 1, share) for share in (0.6, 0.65)
+                  for name, build in (("configure_model", "meta"), ("from_pretrained", "pretrained"))]
         print(f"GPT-2 {args.layers} x {args.width}: {full / 2**30:.2f} GiB of fp32 parameters; peak resident-memory "
               "growth per rank over two SGD steps, as a multiple of the full model's bytes; the floor is that rank's "
               "weights + gradients (SGD keeps no state), before any activation")
         print(f"{'configuration':<32} {'max over ranks':>15} {'per rank':>30} {'floor per rank':>30}")
-        for name, build, pp, tp in cases:
-            ranks = run(name, build, pp, tp, common, folder)
+        for name, build, pp, tp, share in cases:
+            ranks, notes = run(build, pp, tp, common, folder, int(share * full))
+            if not ranks:
+                print(f"{name:<32} no cut fits: {notes}", flush=True)
+                continue
             growth = [r["growth"] / full for r in ranks]
             floor = [2 * r["held"] / full for r in ranks]
             print(f"{name:<32} {max(growth):>14.2f}x {str([round(g, 2) for g in growth]):>30} "
                   f"{str([round(f, 2) for f in floor]):>30}", flush=True)
+            if notes:
+                print("    " + notes.replace("\n", "\n    "), flush=True)
 
 
 if __name__ == "__main__":

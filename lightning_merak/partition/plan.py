@@ -396,6 +396,10 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
     return plan
 
 
+def _span(units: list[str]) -> str:
+    return units[0] if len(units) == 1 else f"{units[0]} .. {units[-1]}"
+
+
 def _fits(memory: StageMemory, budget: int) -> Any:
     return lambda stage, a, b: memory.need(stage, a, b) <= budget
 
@@ -434,8 +438,7 @@ def _no_fit_message(module: nn.Module, memory: StageMemory, budget: int, cost: l
     where = f" per tensor-parallel rank (tp={tp})" if tp > 1 else ""
     return (f"memory_budget={budget} bytes ({format_bytes(budget)}) per device cannot hold every stage of "
             f"{type(module).__name__} in {num_stages} pipeline stages: the least worst stage any legal cut achieves "
-            f"needs {need} bytes ({format_bytes(need)}){where}, stage {s} ({memory.cap.units[a]} .. "
-            f"{memory.cap.units[b - 1]}): weights + gradients{' + optimizer state' if memory.copies > 2 else ''} "
+            f"needs {need} bytes ({format_bytes(need)}){where}, stage {s} ({_span(memory.cap.units[a:b])}): weights + gradients{' + optimizer state' if memory.copies > 2 else ''} "
             f"{format_bytes(memory.static(a, b))} and an activation reserve of "
             f"{format_bytes(memory.reserve(s, a, b))}. Use more pipeline stages (pipeline_parallel_size), tensor "
             f"parallelism (tensor_parallel_size), ZeRO (zero_stage=1 shards optimizer state over the data-parallel "
