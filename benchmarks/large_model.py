@@ -37,6 +37,18 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _peak() -> int:
+    """This process's peak resident memory since it started running this program: the kernel's high-water mark of
+    its own address space (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux carries that across ``exec``
+    from the process that spawned it, so rank 0, started by this script's main process after it built and saved
+    the whole model, would report that process's peak (about 1.5x the model) as its own."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def worker(args: argparse.Namespace) -> None:
     """One Trainer run (Lightning's launcher starts the other ranks by re-running this command)."""
     import lightning.pytorch as pl
@@ -71,20 +83,35 @@ def worker(args: argparse.Namespace) -> None:
             ids = torch.randint(0, config.vocab_size, (64, args.seq), generator=torch.Generator().manual_seed(0))
             return torch.utils.data.DataLoader(ids, batch_size=args.batch)
 
+    class Phases(pl.Callback):
+        """Peak and resident growth when the model is built (before any step) and after each step: which part of
+        the peak the build makes (materialisation, tied copies made equal) and which the steps."""
+
+        def __init__(self) -> None:
+            self.marks: list[list[int]] = []
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.marks.append([_peak() - baseline, _rss() - baseline])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.marks.append([_peak() - baseline, _rss() - baseline])
+
     pp, tp = args.pp, args.tp
     memory = {"recompute": "stage_aware", "memory_budget": args.budget} if args.budget else {"recompute": "none"}
     strategy = "auto" if pp * tp == 1 else MerakStrategy(pipeline_parallel_size=pp, tensor_parallel_size=tp,
                                                           pipeline_schedule="1f1b", **memory)
+    phases = Phases()
     trainer = pl.Trainer(accelerator="cpu", devices=pp * tp, strategy=strategy, max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[phases])
     module = GPT()
     trainer.fit(module)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = _peak()
     from lightning_merak._compat import local_shard
 
     held = sum(local_shard(p).numel() * p.element_size() for p in module.parameters())  # this rank's weights
     out = Path(args.out) / f"rank{trainer.global_rank}.json"
-    out.write_text(json.dumps({"growth": peak - baseline, "held": held}))
+    out.write_text(json.dumps({"growth": peak - baseline, "held": held, "phases": phases.marks}))
 
 
 def run(build: str, pp: int, tp: int, common: list[str], folder: str, budget: int = 0) -> tuple[list[dict], str]:
@@ -117,6 +144,9 @@ def main() -> None:
     parser.add_argument("--out", default="")
     parser.add_argument("--folder", default="")
     parser.add_argument("--budget", type=int, default=0, help="memory_budget in bytes (0: none)")
+    parser.add_argument("--cases", default="", help="run only the configurations whose name contains this")
+    parser.add_argument("--phases", action="store_true",
+                        help="also print, per rank, peak/resident growth after the build and after each step")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -140,7 +170,7 @@ def main() -> None:
               "growth per rank over two SGD steps, as a multiple of the full model's bytes; the floor is that rank's "
               "weights + gradients (SGD keeps no state), before any activation")
         print(f"{'configuration':<32} {'max over ranks':>15} {'per rank':>30} {'floor per rank':>30}")
-        for name, build, pp, tp, share in cases:
+        for name, build, pp, tp, share in [c for c in cases if args.cases in c[0]]:
             ranks, notes = run(build, pp, tp, common, folder, int(share * full))
             if not ranks:
                 print(f"{name:<32} no cut fits: {notes}", flush=True)
@@ -151,6 +181,11 @@ def main() -> None:
                   f"{str([round(f, 2) for f in floor]):>30}", flush=True)
             if notes:
                 print("    " + notes.replace("\n", "\n    "), flush=True)
+            if args.phases:
+                for r, rank in enumerate(ranks):
+                    marks = ", ".join(f"{what} {p / full:.2f}/{now / full:.2f}" for what, (p, now) in
+                                      zip(["built", *(f"step {i}" for i in range(1, 9))], rank["phases"], strict=False))
+                    print(f"    rank {r} peak/resident: {marks}", flush=True)
 
 
 if __name__ == "__main__":
