@@ -1,6 +1,6 @@
 """Peak memory per rank for a GPT-2 24 x 1024 (355M parameters, 1.3 GiB fp32; vocabulary padded to 50304), relative to the full model's bytes.
 
-Five ways, one after another, each rank measuring its own resident-memory growth from before the model exists to
+Several ways, one after another, each rank measuring its own resident-memory growth from before the model exists to
 the peak of two SGD training steps (weights + gradients + activations; SGD keeps no state):
 
 - one process, plain Lightning, the model built in ``__init__``;
@@ -13,7 +13,9 @@ the peak of two SGD training steps (weights + gradients + activations; SGD keeps
   partition) and the recompute ratios. A budget no cut can meet ends at start-up with the partition's error,
   which names the least achievable worst stage; the row prints it.
 
-Run: ``.venv/bin/python benchmarks/large_model.py [--layers 24 --width 1024]`` (about 5 minutes on 2 cores).
+Run: ``.venv/bin/python benchmarks/large_model.py [--layers 24 --width 1024] [--phases] [--cases TEXT]`` (about
+10 minutes on 2 cores; ``--phases`` adds each rank's peak/resident growth after the build and after each step,
+``--cases`` runs only the configurations whose name contains TEXT).
 Resident memory on CPU is what the device would hold on a GPU run: the ranks' parameters live there.
 """
 
@@ -122,8 +124,9 @@ def run(build: str, pp: int, tp: int, common: list[str], folder: str, budget: in
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         log = done.stdout + done.stderr
         notes = [line.strip() for line in log.splitlines()
-                 if "memory_budget" in line and ("per stage static" in line or "cuts moved" in line
-                                                  or "Error" in line)]
+                 if ("memory_budget" in line and ("per stage static" in line or "cuts moved" in line
+                                                  or "Error" in line))
+                 or (budget and "recompute ratio per stage" in line)]
         if done.returncode:
             if budget and any("PartitionError" in n or "MemoryBudgetError" in n for n in notes):
                 return [], notes[-1]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 
-from lightning_merak.partition import PartitionError, plan_model
+from lightning_merak.partition import PartitionError, PartitionPlan, plan_model
 from lightning_merak.partition.plan import crossing
 from lightning_merak.pipeline.plan import make_schedule, simulate
 from lightning_merak.pipeline.plan.recompute import ratios_for_budget
@@ -76,6 +76,9 @@ def test_budget_moves_the_cut_to_the_least_compute_among_fitting_cuts(gpt):
     table = plan.table()
     assert "cuts moved to fit memory_budget" in table and f"compute balance {plan.balance:.2f} instead of " \
         f"{free.balance:.2f}" in table, table
+    back = PartitionPlan.from_json(plan.to_json())  # the JSON keeps the modelled bytes and the budget
+    assert back.memory_budget == budget and [(s.static, s.reserve) for s in back.stages] == [
+        (s.static, s.reserve) for s in plan.stages] and "per stage static + activation reserve" in back.table()
     # the recompute ratios are solved on the same static bytes: the cut that fits leaves a ratio that fits
     sched = make_schedule("1f1b", STAGES, MICRO)
     costs = plan.stage_costs()
