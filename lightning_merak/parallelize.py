@@ -64,7 +64,7 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     example = example_inputs(lightning_module, pipelined, batch, step_name, num_microbatches)
     warn_batch_coupled(pipelined, pp, num_microbatches)
     tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None
-    cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh, device) if pp > 1 else None
+    cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh, device, tp_plan) if pp > 1 else None
     if tp_plan is not None:  # before materialising: a meta-built weight gets memory for its shard only
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     local = materialize(pipelined, device, seed, prefix=path)
@@ -244,12 +244,13 @@ class PipelineCut:
 
 
 def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, example: tuple[tuple, dict],
-                 config: MerakConfig, mesh: Any, device: torch.device) -> PipelineCut:
+                 config: MerakConfig, mesh: Any, device: torch.device, tp_plan: Any = None) -> PipelineCut:
     """Plan the stages on the proxy graph (the same plan on every rank: it is deterministic); keep this rank's.
 
     The placement, one or two stages per rank, is decided before anything is cut: a p-stage partition and, for
     "auto" where the model has the blocks, a 2p-stage one are planned, every candidate schedule is simulated
-    on its own partition's modelled costs (``AutoSchedule``), and the winner's partition is the one cut.
+    on its own partition's modelled costs (``AutoSchedule``), and the winner's partition is the one cut. Under
+    a ``memory_budget`` the cut fits every stage in it (bytes per TP rank under ``tp_plan``).
     """
     from lightning_merak.partition import PartitionError
     from lightning_merak.pipeline.plan.choose import AutoSchedule
@@ -264,7 +265,8 @@ def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, e
         ranks = tuple(range(pp)) * per_rank if config.pipeline_schedule == "auto" else make_schedule(
             config.pipeline_schedule, pp, num_microbatches).stage_to_rank
         try:
-            plans[per_rank] = plan_stages(pipelined, example, ranks, config.partition)
+            plans[per_rank] = plan_stages(pipelined, example, ranks, config.partition, config.budget_bytes, tp_plan,
+                                          memory_manager=config.memory_manager, num_microbatches=num_microbatches)
         except (PartitionError, MerakConfigError) as err:
             if config.pipeline_schedule != "auto" or per_rank == 1:
                 raise
@@ -305,13 +307,22 @@ def parameter_shares(lightning_module: nn.Module, pipelined: nn.Module, plan: An
             f"the pipeline: {replicated:,} ({replicated / total:.1%}){where}")
 
 
-def plan_stages(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], partition: Any) -> Any:
+def plan_stages(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], partition: Any,
+                memory_budget: int | None = None, tp_plan: Any = None, *, memory_manager: str = "none",
+                num_microbatches: int | None = None) -> Any:
     """The ``PartitionPlan`` for one stage per entry of ``placement``; a model too small for a two-stages-per-rank
-    placement is a configuration error naming the schedule's need."""
+    placement is a configuration error naming the schedule's need.
+
+    ``memory_budget`` is per device: with k stages on each pipeline rank each stage gets 1/k of it (the cut is
+    one programme over contiguous stages; a rank's two stages are not). The optimizer is made after the cut,
+    so its state is not modelled (weights + gradients)."""
     from lightning_merak.partition import PartitionError, plan_model
 
+    per_rank = len(placement) // len(set(placement))
     try:
-        return plan_model(pipelined, example, len(placement), partition=partition)
+        return plan_model(pipelined, example, len(placement), partition=partition, tp_plan=tp_plan,
+                          memory_budget=None if memory_budget is None else memory_budget // per_rank,
+                          memory_manager=memory_manager, num_microbatches=num_microbatches)
     except PartitionError as err:
         if len(set(placement)) == len(placement):
             raise

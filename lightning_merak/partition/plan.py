@@ -15,6 +15,12 @@ Parameter-free work on the batch (masks, rotary tables, position ids) carries no
 recomputes it. A tensor first used after the cut by the parent's own code and made by it too (a residual inside
 a block) makes the cut illegal. Among legal cuts the stages minimise the most expensive stage (forward +
 backward = 3 x forward FLOPs), ties broken by fewer bytes crossing.
+
+Under a memory budget (per device) the same dynamic programme only admits stages that fit it (``StageMemory``):
+the stage's static bytes (its weights, tied and shared copies included, per tensor-parallel rank, their
+gradients, and optimizer state where a factor is given) plus the least activation memory it can run with (as
+the schedule simulator models full recomputation, or DELTA's floor). The embedding of a large vocabulary then
+leaves blocks to later stages even where FLOPs alone would keep them beside it.
 """
 
 from __future__ import annotations
@@ -102,6 +108,8 @@ class StagePlan:
     # blocks of other stages that are never called but whose weights this stage's code reads directly (DeBERTa's
     # relative position embedding): the stage holds a copy, tied to the owner's (gradients summed)
     shared: list[str] = field(default_factory=list)
+    static: int = 0  # modelled bytes per device: weights (tied/shared copies, per TP rank), gradients, optimizer state
+    reserve: int = 0  # modelled least activation bytes the stage runs with (see StageMemory)
 
 
 @dataclass
@@ -117,6 +125,9 @@ class PartitionPlan:
     cuts: list[int]
     capture: Capture | None = field(repr=False)  # None for a plan read back from JSON (description only)
     tied: list[Tie] = field(default_factory=list)
+    memory_budget: int | None = None  # per device, when the cut was made to fit one
+    # the cuts FLOPs alone would give, where the memory budget moved them (None: it did not)
+    compute_cuts: list[int] | None = None
 
     @property
     def balance(self) -> float:
@@ -125,19 +136,38 @@ class PartitionPlan:
         mean = sum(costs) / len(costs)
         return max(costs) / mean if mean else 1.0
 
+    def memory_report(self) -> str | None:
+        """Whether the memory budget moved the cuts, and each stage's modelled bytes against it (None: no budget)."""
+        if self.memory_budget is None:
+            return None
+        need = ", ".join(f"{format_bytes(s.static)} + {format_bytes(s.reserve)}" for s in self.stages)
+        lines = [f"memory_budget {format_bytes(self.memory_budget)} per device; per stage static + activation "
+                 f"reserve: {need}"]
+        if self.compute_cuts is not None:
+            flops = [float(f) for f in self.capture.unit_flops] if self.capture is not None else []
+            before = _stage_balance(flops, self.compute_cuts) if flops else float("nan")
+            lines.append(f"cuts moved to fit memory_budget: stage bytes "
+                         f"[{', '.join(format_bytes(s.static + s.reserve) for s in self.stages)}] (compute balance "
+                         f"{self.balance:.2f} instead of {before:.2f}; FLOPs alone would cut at "
+                         f"{[self.units[c] for c in self.compute_cuts]})")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         """JSON-ready: per stage the blocks it owns, parameters, forward FLOPs and the tensors it sends."""
         return {"num_stages": len(self.stages), "balance": self.balance, "units": self.units,
                 "cuts": [self.units[c] for c in self.cuts],
                 "tied": [{"names": t.names, "stages": t.stages} for t in self.tied],
+                "memory_budget": self.memory_budget,
                 "stages": [{"index": s.index, "modules": s.units, "parameters": s.num_params,
-                            "parameter_bytes": s.params, "forward_flops": s.flops,
+                            "parameter_bytes": s.params, "forward_flops": s.flops, "static_bytes": s.static,
+                            "activation_reserve": s.reserve,
                             "sends": [dict(vars(b), shape=list(b.shape)) for b in s.boundary]}
                            for s in self.stages]}
 
     def stage_costs(self) -> list:
         """Per-stage costs for the schedule simulator: FLOPs as time units (backward = 2 x forward), the saved
-        bytes of one micro-batch, the received bytes, and parameters + gradients + two Adam moments as static."""
+        bytes of one micro-batch, the received bytes, and as static the bytes the memory-aware cut counted
+        (``StagePlan.static``), so that the recompute ratios are solved against the same figures."""
         from lightning_merak.pipeline.plan.simulate import StageCosts
 
         costs = []
@@ -145,7 +175,7 @@ class PartitionPlan:
             received = sum(_nbytes(self.capture.tensors[k]) for k in self.stages[i - 1].sends) if i else 0
             costs.append(StageCosts(forward=float(st.flops or 1), backward=2.0 * float(st.flops or 1),
                                     activation_bytes=float(st.saved), input_bytes=float(received),
-                                    static_bytes=4.0 * st.params))
+                                    static_bytes=float(st.static)))
         return costs
 
     def to_json(self) -> str:
@@ -161,10 +191,11 @@ class PartitionPlan:
         units = data["units"]
         stages = [StagePlan(st["index"], st["modules"], units.index(st["modules"][0]), st["parameter_bytes"],
                             st["forward_flops"], [b["identity"] for b in st["sends"]], st["parameters"],
-                            [Boundary(**dict(b, shape=tuple(b["shape"]))) for b in st["sends"]])
+                            [Boundary(**dict(b, shape=tuple(b["shape"]))) for b in st["sends"]],
+                            static=st.get("static_bytes", 0), reserve=st.get("activation_reserve", 0))
                   for st in data["stages"]]
         return cls(units, stages, [units.index(c) for c in data["cuts"]], None,
-                   [Tie(t["names"], t["stages"]) for t in data["tied"]])
+                   [Tie(t["names"], t["stages"]) for t in data["tied"]], data.get("memory_budget"))
 
     def table(self) -> str:
         lines = [f"{'stage':>5}  {'modules':<40} {'parameters':>14} {'fwd GFLOPs':>11}  {'to next stage':>24}"]
@@ -176,6 +207,9 @@ class PartitionPlan:
         for t in self.tied:
             lines.append(f"tied: {' = '.join(t.names)} on stages {t.stages} (gradients all-reduced between them)")
         lines.append(f"balance (max stage / mean, forward FLOPs): {self.balance:.3f}")
+        memory = self.memory_report()
+        if memory:
+            lines.append(memory)
         return "\n".join(lines)
 
 
@@ -198,14 +232,88 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return tuple(example_inputs), {}
 
 
+class StageMemory:
+    """What a stage of blocks ``[a, b)`` holds per device, as the memory-aware cut counts it (modelled on the proxy
+    graph, before any memory exists):
+
+    - ``static``: the weights the stage holds (its blocks', and the copies of tied or shared weights it keeps),
+      each tensor once and a TP-sharded one as its 1/tp slice, their gradients, and ``optimizer_states`` more
+      copies (2 for Adam's moments; 0 where the optimizer is unknown when the plan is made, as in the build
+      recipe, which makes the optimizer after the cut: then weights + gradients);
+    - ``reserve``: the least activation memory the stage runs with. Recomputing (``memory_manager="none"``), as
+      the schedule simulator models full recomputation under 1F1B: one micro-batch's saved bytes, rematerialised
+      in its backward, plus the received inputs of the other micro-batches in flight (p - s on stage s, at most
+      ``num_microbatches``); so a cut that fits leaves ``ratios_for_budget`` a ratio that fits. Under DELTA none:
+      DELTA releases saved tensors below a block's granularity and checks its own floor from the sizes it
+      measures in the first step (an error naming the minimum), so the cut fits the static bytes only.
+    """
+
+    def __init__(self, module: nn.Module, cap: Capture, num_stages: int, cut_bytes: dict[int, int], *,
+                 tp_plan: Any = None, optimizer_states: float = 0.0, memory_manager: str = "none",
+                 num_microbatches: int | None = None) -> None:
+        if not (isinstance(optimizer_states, (int, float)) and 0 <= optimizer_states < float("inf")):
+            raise ValueError(f"optimizer_states={optimizer_states!r} must be a number >= 0 (copies of the weights "
+                             "the optimizer keeps: 0 for plain SGD, 1 for SGD with momentum, 2 for Adam)")
+        if memory_manager not in ("none", "delta"):
+            raise ValueError(f"memory_manager={memory_manager!r}: use 'none' or 'delta'")
+        tp = getattr(tp_plan, "tp_size", 1) if tp_plan is not None else 1
+        sharded = tp_plan.sharded(module) if tp > 1 else set()
+        self.cap, self.num_stages, self.cut_bytes = cap, num_stages, cut_bytes
+        self.copies = 2 + optimizer_states
+        self.delta = memory_manager == "delta"
+        self.num_microbatches = num_microbatches
+        # per unit: parameter id -> bytes on one TP rank (a shard rounds up, as an uneven DTensor split does)
+        self.unit_tensors = [{id(p): -(-p.numel() // (tp if id(p) in sharded else 1)) * p.element_size()
+                              for p in module.get_submodule(u).parameters()} for u in cap.units]
+        self.saved_prefix = [0]
+        for saved in cap.unit_saved or [0] * len(cap.units):
+            self.saved_prefix.append(self.saved_prefix[-1] + saved)
+        self._held: dict[tuple[int, int], int] = {}
+
+    def held(self, a: int, b: int) -> int:
+        """Weight bytes of the stage: its blocks' and the never-called blocks its code reads, each tensor once."""
+        key = (a, b)
+        if key not in self._held:
+            tensors: dict[int, int] = {}
+            for u in [*range(a, b), *_read_units(self.cap, a, b)]:
+                tensors.update(self.unit_tensors[u])
+            self._held[key] = sum(tensors.values())
+        return self._held[key]
+
+    def static(self, a: int, b: int) -> int:
+        return int(self.copies * self.held(a, b))
+
+    def reserve(self, stage: int, a: int, b: int) -> int:
+        in_flight = self.num_stages - stage
+        if self.num_microbatches:
+            in_flight = min(in_flight, self.num_microbatches)
+        if self.delta:
+            return 0
+        return self.saved_prefix[b] - self.saved_prefix[a] + (in_flight - 1) * self.cut_bytes.get(a, 0)
+
+    def need(self, stage: int, a: int, b: int) -> int:
+        return self.static(a, b) + self.reserve(stage, a, b)
+
+
 def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
-               partition: str | list[str] = "auto") -> PartitionPlan:
+               partition: str | list[str] = "auto", *, memory_budget: int | None = None, tp_plan: Any = None,
+               optimizer_states: float = 0.0, memory_manager: str = "none",
+               num_microbatches: int | None = None) -> PartitionPlan:
     """Partition ``module`` (the pipelined module) into ``num_stages`` stages.
 
-    ``example_inputs``: ``(args, kwargs)`` of its forward (or a tuple, dict or tensor); any device, meta
-    included. ``partition``: ``"auto"`` (balanced by FLOPs) or the block names where stages 1.. begin, checked
-    for legality like the automatic cuts.
+    ``example_inputs``: ``(args, kwargs)`` of its forward (or a tuple, dict or tensor) for one micro-batch; any
+    device, meta included. ``partition``: ``"auto"`` (balanced by FLOPs) or the block names where stages 1..
+    begin, checked for legality like the automatic cuts.
+    ``memory_budget``: bytes per device; the automatic cut then admits only stages whose modelled bytes
+    (``StageMemory``: static + activation reserve) fit it, and among those balances FLOPs as without it; a
+    ``PartitionError`` names the least achievable worst stage when none fits. ``tp_plan``: the ``TPPlan`` the
+    stages will be sharded with (a stage's bytes are then those of one TP rank); ``optimizer_states``,
+    ``memory_manager``, ``num_microbatches``: the rest of the memory model (see ``StageMemory``).
     """
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 1):
+        raise ValueError(f"memory_budget={memory_budget!r} must be a whole number of bytes >= 1 (per device), or "
+                         "None for a cut balanced by FLOPs alone")
     args, kwargs = normalize_inputs(example_inputs)
     units = find_units(module, num_stages)
     cap = capture(module, tuple(args), dict(kwargs), units)
@@ -236,6 +344,10 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
             legal[k] = keys
         else:
             reasons[k] = why
+    cut_bytes = {k: sum(_nbytes(cap.tensors[x]) for x in v) for k, v in legal.items()}
+    memory = StageMemory(module, cap, num_stages, cut_bytes, tp_plan=tp_plan, optimizer_states=optimizer_states,
+                         memory_manager=memory_manager, num_microbatches=num_microbatches)
+    compute_cuts = None
     if partition != "auto":
         if isinstance(partition, str) or len(partition) != num_stages - 1:
             raise PartitionError(f"partition={partition!r} must list {num_stages - 1} block names (where stages "
@@ -252,14 +364,22 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
                 raise PartitionError(f"partition boundaries must follow the forward order; {name!r} comes before "
                                      f"{units[cuts[-1]]!r}")
             cuts.append(k)
+        if memory_budget is not None:
+            _warn_if_over_budget(partition, memory, memory_budget, [0, *cuts, n])
     else:
         if len(legal) < num_stages - 1:
             raise PartitionError(f"{type(module).__name__} has {len(legal)} legal cut points, so at most "
                                  f"{len(legal) + 1} pipeline stages; pipeline_parallel_size={num_stages} is too large.")
         cost = [3 * f + 1 for f in cap.unit_flops]
-        cuts = _balanced_cuts(cost, sorted(legal), num_stages, {k: sum(_nbytes(cap.tensors[x]) for x in v)
-                                                                 for k, v in legal.items()})
+        cuts = _balanced_cuts(cost, sorted(legal), num_stages, cut_bytes)
         _warn_if_forced_imbalance(module, units, cost, cuts, reasons, num_stages)
+        if memory_budget is not None:  # the same programme, admitting only the stages that fit the budget
+            fitting = _balanced_cuts(cost, sorted(legal), num_stages, cut_bytes, _fits(memory, memory_budget))
+            if fitting is None:
+                raise PartitionError(_no_fit_message(module, memory, memory_budget, cost, sorted(legal), cuts,
+                                                     cut_bytes, num_stages, tp_plan))
+            if fitting != cuts:
+                compute_cuts, cuts = cuts, fitting
     bounds = [0, *cuts, n]
     stages = []
     for s in range(num_stages):
@@ -268,11 +388,61 @@ def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
         num_params = sum(p.numel() for u in units[a:b] for p in module.get_submodule(u).parameters())
         boundary = [_boundary(cap, key, b) for key in sends]
         stages.append(StagePlan(s, units[a:b], a, sum(cap.unit_params[a:b]), sum(cap.unit_flops[a:b]), sends,
-                                num_params, boundary, sum(cap.unit_saved[a:b])))
-    _share_read_weights(cap, stages, bounds)
-    plan = PartitionPlan(units, stages, cuts, cap)
+                                num_params, boundary, sum(cap.unit_saved[a:b]),
+                                shared=[units[u] for u in _read_units(cap, a, b)], static=memory.static(a, b),
+                                reserve=memory.reserve(s, a, b)))
+    plan = PartitionPlan(units, stages, cuts, cap, memory_budget=memory_budget, compute_cuts=compute_cuts)
     plan.tied = _ties(module, plan)
     return plan
+
+
+def _span(units: list[str]) -> str:
+    return units[0] if len(units) == 1 else f"{units[0]} .. {units[-1]}"
+
+
+def _fits(memory: StageMemory, budget: int) -> Any:
+    return lambda stage, a, b: memory.need(stage, a, b) <= budget
+
+
+def _warn_if_over_budget(partition: list[str], memory: StageMemory, budget: int, bounds: list[int]) -> None:
+    """A hand-written partition is kept as written; a stage over the budget is said, with its modelled bytes."""
+    over = [(s, memory.need(s, a, b)) for s, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))
+            if memory.need(s, a, b) > budget]
+    if over:
+        warnings.warn(f"partition={partition!r} does not fit memory_budget={format_bytes(budget)} per device: "
+                      f"{', '.join(f'stage {s} needs {format_bytes(b)}' for s, b in over)} (static + activation "
+                      "reserve, modelled); partition='auto' cuts to fit it", stacklevel=3)
+
+
+def _no_fit_message(module: nn.Module, memory: StageMemory, budget: int, cost: list[int], legal: list[int],
+                    compute_cuts: list[int], cut_bytes: dict[int, int], num_stages: int, tp_plan: Any) -> str:
+    """The least worst-stage bytes any legal cut achieves (the same programme, searched on the budget), and what
+    to do."""
+    n = len(cost)
+
+    def worst(cuts: list[int]) -> tuple[int, int, int, int]:
+        bounds = [0, *cuts, n]
+        return max((memory.need(s, a, b), s, a, b) for s, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)))
+
+    lo, hi = 0, worst(compute_cuts)[0]
+    best = compute_cuts
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = _balanced_cuts(cost, legal, num_stages, cut_bytes, _fits(memory, mid))
+        if found is None:
+            lo = mid + 1
+        else:
+            hi, best = mid, found
+    need, s, a, b = worst(best)
+    tp = getattr(tp_plan, "tp_size", 1) if tp_plan is not None else 1
+    where = f" per tensor-parallel rank (tp={tp})" if tp > 1 else ""
+    return (f"memory_budget={budget} bytes ({format_bytes(budget)}) per device cannot hold every stage of "
+            f"{type(module).__name__} in {num_stages} pipeline stages: the least worst stage any legal cut achieves "
+            f"needs {need} bytes ({format_bytes(need)}){where}, stage {s} ({_span(memory.cap.units[a:b])}): weights + gradients{' + optimizer state' if memory.copies > 2 else ''} "
+            f"{format_bytes(memory.static(a, b))} and an activation reserve of "
+            f"{format_bytes(memory.reserve(s, a, b))}. Use more pipeline stages (pipeline_parallel_size), tensor "
+            f"parallelism (tensor_parallel_size), ZeRO (zero_stage=1 shards optimizer state over the data-parallel "
+            f"replicas), or a memory_budget of at least {format_bytes(need)}.")
 
 
 #: a balance (most expensive stage over the mean) worse than this, when illegal cuts would do better, is reported
@@ -315,17 +485,13 @@ def _warn_if_forced_imbalance(module: nn.Module, units: list[str], cost: list[in
                   f"module it calls outside the blocks). {advice}", stacklevel=3)
 
 
-def _share_read_weights(cap: Capture, stages: list[StagePlan], bounds: list[int]) -> None:
-    """A block that is never called but whose weights later stages read directly goes to those stages too."""
-    starts = [cap.calls[cap.first_call[b]].time if b < len(cap.units) else float("inf") for b in bounds]
-    starts[0] = -1
-    for unit, times in cap.param_reads.items():
-        if cap.first_call[unit] >= 0:
-            continue
-        for st in stages:
-            if not st.first <= unit < st.first + len(st.units) and any(
-                    starts[st.index] <= t < starts[st.index + 1] for t in times):
-                st.shared.append(cap.units[unit])
+def _read_units(cap: Capture, a: int, b: int) -> list[int]:
+    """Blocks outside ``[a, b)`` that are never called but whose weights a stage of those blocks reads directly
+    (DeBERTa's relative position embedding): the stage holds a copy of them too."""
+    start = cap.calls[cap.first_call[a]].time if a > 0 else -1
+    end = cap.calls[cap.first_call[b]].time if b < len(cap.units) else float("inf")
+    return [unit for unit, times in cap.param_reads.items()
+            if cap.first_call[unit] < 0 and not a <= unit < b and any(start <= t < end for t in times)]
 
 
 def _boundary(cap: Capture, key: int, k: int) -> Boundary:
@@ -340,10 +506,15 @@ def _boundary(cap: Capture, key: int, k: int) -> Boundary:
                     cap.units[max(u for u in info["taint"] if u < k)], consumers, via)
 
 
-def _balanced_cuts(cost: list[int], legal: list[int], num_stages: int, cut_bytes: dict[int, int]) -> list[int]:
+def _balanced_cuts(cost: list[int], legal: list[int], num_stages: int, cut_bytes: dict[int, int],
+                   fits: Any = None) -> list[int] | None:
     """Legal cuts minimising the most expensive stage; ties broken by the sum of squared stage costs (the
-    other stages balanced too), then by fewer bytes crossing. Dynamic programming over (cut, stages left)."""
+    other stages balanced too), then by fewer bytes crossing. Dynamic programming over (cut, stages left).
+
+    ``fits(stage, a, b)``: whether stage ``stage`` may hold blocks ``[a, b)`` (the memory budget); only such
+    stages are admitted, and None is returned when no legal cut admits them all."""
     n = len(cost)
+    fits = fits or (lambda stage, a, b: True)
     prefix = [0]
     for c in cost:
         prefix.append(prefix[-1] + c)
@@ -354,22 +525,27 @@ def _balanced_cuts(cost: list[int], legal: list[int], num_stages: int, cut_bytes
         key = (i, stages)
         if key in memo:
             return memo[key]
-        start = points[i]
+        start, stage = points[i], num_stages - stages
         if stages == 1:
             tail = prefix[n] - prefix[start]
-            memo[key] = (tail, tail * tail, 0, [])
+            memo[key] = (tail, tail * tail, 0, []) if fits(stage, start, n) else (float("inf"), float("inf"), 0, [])
             return memo[key]
         result: tuple = (float("inf"), float("inf"), 0, [])
         for j in range(i + 1, len(points) - stages + 2):
+            if not fits(stage, start, points[j]):
+                continue
             head = prefix[points[j]] - prefix[start]
             rest = solve(j, stages - 1)
+            if rest[0] == float("inf"):
+                continue
             cand = (max(head, rest[0]), head * head + rest[1], rest[2] + cut_bytes[points[j]], [points[j], *rest[3]])
             if cand[:3] < result[:3]:
                 result = cand
         memo[key] = result
         return result
 
-    return solve(0, num_stages)[3]
+    best = solve(0, num_stages)
+    return None if best[0] == float("inf") else best[3]
 
 
 def _ties(module: nn.Module, plan: PartitionPlan) -> list[Tie]:

@@ -66,6 +66,13 @@ class TPPlan:
     def sharded_share(self) -> float:
         return self.sharded_parameters / self.parameters if self.parameters else 0.0
 
+    def sharded(self, module: nn.Module) -> set[int]:
+        """Ids of the parameters of ``module`` (the module the plan was made for) split across the TP ranks: every
+        parameter of a styled module but a row-parallel bias, which stays replicated."""
+        names = dict(module.named_modules())
+        return {id(p) for fqn, style in self.styles.items() if fqn in names
+                for pname, p in names[fqn].named_parameters() if not (style == "rowwise" and pname == "bias")}
+
     def table(self) -> str:
         width = max([len(k) for k in self.styles] + [6])
         lines = [f"TP plan (tp={self.tp_size}, source={self.source})", f"{'module':<{width}}  style"]
@@ -125,13 +132,9 @@ def tp_plan_for(module: nn.Module, tp_size: int, example_inputs: tuple | dict | 
 def _coverage(module: nn.Module, plan: TPPlan) -> None:
     """How many parameters the plan shards, and whether the repeated blocks (the largest ModuleList) got any."""
     names = dict(module.named_modules())
-    sharded: dict[int, int] = {}
-    for fqn, style in plan.styles.items():
-        for pname, p in names[fqn].named_parameters():
-            if not (style == "rowwise" and pname == "bias"):  # a row-parallel bias stays replicated
-                sharded[id(p)] = p.numel()
+    sharded = plan.sharded(module)
     plan.parameters = sum(p.numel() for p in module.parameters())
-    plan.sharded_parameters = sum(sharded.values())
+    plan.sharded_parameters = sum(p.numel() for p in module.parameters() if id(p) in sharded)
     lists = [(fqn, m) for fqn, m in names.items() if isinstance(m, nn.ModuleList) and len(m) > 1]
     if lists:
         fqn, _ = max(lists, key=lambda fm: sum(p.numel() for p in fm[1].parameters()))

@@ -277,8 +277,9 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
     margs = [meta(a) for a in args]
     mkwargs = {k: meta(v) for k, v in kwargs.items()}
     def pack(t: torch.Tensor) -> torch.Tensor:
-        # bytes autograd keeps for backward, per block: the activation memory a micro-batch holds
-        if cap.depth > 0 and not isinstance(t, nn.Parameter):
+        # bytes autograd keeps for backward, per block: the activation memory a micro-batch holds (a weight, or a
+        # view of one such as the transpose nn.Linear saves, takes no memory of its own)
+        if cap.depth > 0 and not isinstance(t, nn.Parameter) and not isinstance(t._base, nn.Parameter):
             unit_saved[cap.current] += t.numel() * t.element_size()
         return t
 

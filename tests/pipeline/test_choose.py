@@ -101,8 +101,10 @@ def test_shifted_critical_path_never_slower_than_1f1b_at_the_same_ratio(p: int, 
 def test_stage_zero_budget_auto_beats_1f1b_full_recompute_by_15_percent() -> None:
     """The benchmark's GPT-2 plans (p and 2p stages) and its stage-0-only budget: auto's simulated step is at
     least 1.15x shorter than 1F1B with full recomputation, and fits the budget. With ratios in whole blocks
-    (as the stages apply them) and the split backward's second recomputation counted, the winner is the
-    shifted critical path with stage 0 alone recomputing, as in the paper."""
+    (as the stages apply them) and the split backward's second recomputation counted, the winner is interleaved
+    1F1B with rank 0 alone recomputing (its stages 0 and 2), 3 % ahead of the shifted critical path (stage 0
+    alone, as in the paper); the two were within 1 % while the capture counted the LM head's weight, a view
+    autograd saves, as an activation of the last stage."""
     from benchmarks.schedules import MICRO, STAGES, plans, stage0_budget
 
     planned = plans()
@@ -110,7 +112,8 @@ def test_stage_zero_budget_auto_beats_1f1b_full_recompute_by_15_percent() -> Non
     blocks = {k: [len(s.units) for s in plan.stages] for k, plan in planned.items()}
     budget = stage0_budget(by_placement[1])
     auto = AutoSchedule("auto", "stage_aware", budget, STAGES, MICRO, by_placement, blocks=blocks)
-    assert auto.decision.name == "shifted_critical_path" and auto.ratios[-1] == 0.0 < auto.ratios[0]
+    assert auto.decision.name == "interleaved_1f1b" and auto.ratios[-1] == 0.0 < auto.ratios[0]
+    assert [r > 0 for r in auto.ratios] == [True, False, True, False]  # stages 0 and 2: both on rank 0
     sched = make_schedule(auto.decision.name, STAGES, MICRO)
     chosen = simulate(sched, with_ratios(auto.costs, auto.ratios))
     static = [sum(c.static_bytes for st, c in enumerate(auto.costs) if sched.stage_to_rank[st] == r)
