@@ -75,6 +75,14 @@ def dataloader_for(trainer) -> object:
     return loop._data_source.dataloader()
 
 
+def configured_optimizers(lightning_module) -> list:
+    """The optimizers ``configure_optimizers`` returns, in any of its return forms (Lightning's parser is
+    private); the schedulers it makes are dropped."""
+    from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+
+    return list(_init_optimizers_and_lr_schedulers(lightning_module)[0])
+
+
 def reset_optimizers(strategy) -> None:
     """Forget the optimizers and schedulers of an earlier setup (Lightning's Strategy keeps this private)."""
     strategy._reset_optimizers_and_schedulers()

@@ -43,15 +43,19 @@ from lightning_merak.units import format_bytes
 
 log = logging.getLogger(__name__)
 
+ASSUMED_OPTIMIZER_STATES = 2.0  # Adam's two moments: the common case, where the optimizer cannot be measured
 DEFAULT_BUDGET_SHARE = 0.75  # the rest: optimizer state, temporaries, allocator fragmentation
 
 
 def build_engine(lightning_module: Any, batch: Any, step_name: str, config: MerakConfig, mesh: Any,
-                 device: torch.device, timeout: timedelta | None = None) -> Any:
+                 device: torch.device, timeout: timedelta | None = None,
+                 optimizer_states: float | None = None) -> Any:
     """Everything that makes this rank's piece of the model, in order; returns the engine for its steps.
 
     ``batch`` is the first batch of the running loop, already on ``device``; ``step_name`` the hook it feeds
-    (``training_step``, ``validation_step``, ...); ``timeout``: for the process groups made here (tied weights).
+    (``training_step``, ``validation_step``, ...); ``timeout``: for the process groups made here (tied weights);
+    ``optimizer_states``: weight-sized optimizer tensors per parameter per rank, for a cut that must fit
+    ``memory_budget`` (None: unknown, Adam's two assumed).
     """
     pp, tp = topology.size(mesh, "pp"), topology.size(mesh, "tp")
     check_step_supported(lightning_module, pp)
@@ -64,7 +68,9 @@ def build_engine(lightning_module: Any, batch: Any, step_name: str, config: Mera
     example = example_inputs(lightning_module, pipelined, batch, step_name, num_microbatches)
     warn_batch_coupled(pipelined, pp, num_microbatches)
     tp_plan = tensor_parallel_plan(pipelined, example, tp) if tp > 1 else None
-    cut = cut_pipeline(lightning_module, path, pipelined, example, config, mesh, device, tp_plan) if pp > 1 else None
+    cut = (cut_pipeline(lightning_module, path, pipelined, example, config, mesh, device, tp_plan,
+                        ASSUMED_OPTIMIZER_STATES if optimizer_states is None else optimizer_states)
+           if pp > 1 else None)
     if tp_plan is not None:  # before materialising: a meta-built weight gets memory for its shard only
         apply_tp(pipelined, tp_plan, mesh, config.subtensor_chunks)
     local = materialize(pipelined, device, seed, prefix=path)
@@ -244,7 +250,8 @@ class PipelineCut:
 
 
 def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, example: tuple[tuple, dict],
-                 config: MerakConfig, mesh: Any, device: torch.device, tp_plan: Any = None) -> PipelineCut:
+                 config: MerakConfig, mesh: Any, device: torch.device, tp_plan: Any = None,
+                 optimizer_states: float = ASSUMED_OPTIMIZER_STATES) -> PipelineCut:
     """Plan the stages on the proxy graph (the same plan on every rank: it is deterministic); keep this rank's.
 
     The placement, one or two stages per rank, is decided before anything is cut: a p-stage partition and, for
@@ -266,7 +273,8 @@ def cut_pipeline(lightning_module: nn.Module, path: str, pipelined: nn.Module, e
             config.pipeline_schedule, pp, num_microbatches).stage_to_rank
         try:
             plans[per_rank] = plan_stages(pipelined, example, ranks, config.partition, config.budget_bytes, tp_plan,
-                                          memory_manager=config.memory_manager, num_microbatches=num_microbatches)
+                                          memory_manager=config.memory_manager, num_microbatches=num_microbatches,
+                                          optimizer_states=optimizer_states)
         except (PartitionError, MerakConfigError) as err:
             if config.pipeline_schedule != "auto" or per_rank == 1:
                 raise
@@ -309,20 +317,21 @@ def parameter_shares(lightning_module: nn.Module, pipelined: nn.Module, plan: An
 
 def plan_stages(pipelined: nn.Module, example: tuple[tuple, dict], placement: tuple[int, ...], partition: Any,
                 memory_budget: int | None = None, tp_plan: Any = None, *, memory_manager: str = "none",
-                num_microbatches: int | None = None) -> Any:
+                num_microbatches: int | None = None, optimizer_states: float = ASSUMED_OPTIMIZER_STATES) -> Any:
     """The ``PartitionPlan`` for one stage per entry of ``placement``; a model too small for a two-stages-per-rank
     placement is a configuration error naming the schedule's need.
 
     ``memory_budget`` is per device: with k stages on each pipeline rank each stage gets 1/k of it (the cut is
-    one programme over contiguous stages; a rank's two stages are not). The optimizer is made after the cut,
-    so its state is not modelled (weights + gradients)."""
+    one programme over contiguous stages; a rank's two stages are not). ``optimizer_states``: weight-sized
+    optimizer tensors per parameter (the strategy measures the user's optimizer before the cut)."""
     from lightning_merak.partition import PartitionError, plan_model
 
     per_rank = len(placement) // len(set(placement))
     try:
         return plan_model(pipelined, example, len(placement), partition=partition, tp_plan=tp_plan,
                           memory_budget=None if memory_budget is None else memory_budget // per_rank,
-                          memory_manager=memory_manager, num_microbatches=num_microbatches)
+                          memory_manager=memory_manager, num_microbatches=num_microbatches,
+                          optimizer_states=optimizer_states)
     except PartitionError as err:
         if len(set(placement)) == len(placement):
             raise

@@ -267,7 +267,37 @@ class MerakStrategy(ParallelStrategy):
 
         step_name = STEP_FOR[trainer.state.fn]
         return build_engine(self.lightning_module, self._first_batch(trainer), step_name, self.config,
-                            self._device_mesh, self.root_device, timeout=self._timeout)
+                            self._device_mesh, self.root_device, timeout=self._timeout,
+                            optimizer_states=self._optimizer_states(trainer))
+
+    def _optimizer_states(self, trainer: pl.Trainer) -> float | None:
+        """Weight-sized optimizer tensors per parameter on one rank, for a partition that must fit
+        ``memory_budget``: the optimizer is made after the cut, so ``configure_optimizers`` is called once more
+        here, on the whole (possibly meta) module, and what it returns is measured (``weight_sized_states``) and
+        dropped. Only with a budget, a pipeline and a fit; None elsewhere or where it cannot be told."""
+        from lightning_merak._compat import configured_optimizers, unwrap_optimizer
+        from lightning_merak.zero import weight_sized_states
+
+        if self.config.budget_bytes is None or self.sizes[1] == 1 or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        try:
+            optimizers = configured_optimizers(self.lightning_module)
+        except Exception as err:  # noqa: BLE001 — e.g. a fused optimizer refusing meta weights
+            rank_zero_info(f"Merak memory_budget: configure_optimizers could not run before the cut ({err}); the "
+                           "partition assumes Adam's two weight-sized states per parameter")
+            return None
+        copies = [weight_sized_states(unwrap_optimizer(o)) for o in optimizers]
+        if not copies or any(c is None for c in copies):
+            rank_zero_info("Merak memory_budget: the optimizer's state could not be measured; the partition "
+                           "assumes Adam's two weight-sized states per parameter")
+            return None
+        states = sum(copies)  # several optimizers hold disjoint parameters: at most the sum per parameter
+        if self.config.zero_stage > 0:
+            states /= self.sizes[0]  # sharded over the data-parallel replicas (one parameter's rounding aside)
+        rank_zero_info(f"Merak memory_budget: {', '.join(type(unwrap_optimizer(o)).__name__ for o in optimizers)} "
+                       f"keeps {states:g} weight-sized state tensor(s) per parameter on each rank; counted in each "
+                       "stage's bytes")
+        return states
 
     def _first_batch(self, trainer: pl.Trainer) -> Any:
         """The first batch of the running loop, on this rank's device; the RNG state is restored afterwards, so

@@ -24,6 +24,7 @@ reduces buckets during backward; here that would take per-parameter gradient hoo
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -289,6 +290,31 @@ def data_parallel_optimizer(optimizer: torch.optim.Optimizer, zero_stage: int, g
     if zero_stage == 0 or world <= 1:
         return ReplicatedOptimizer(optimizer, group, world)
     return ShardedOptimizer(optimizer, zero_stage, group)
+
+
+def weight_sized_states(optimizer: torch.optim.Optimizer) -> float | None:
+    """How many weight-sized tensors ``optimizer`` keeps per parameter (SGD 0, with momentum 1, Adam 2), the
+    largest over its param groups; None where it cannot be told. Measured, not looked up: the same class with
+    each group's hyperparameters steps a probe parameter once, on the CPU, and its state is counted. The
+    memory-aware partition is planned before the real optimizer exists, on weights that may be on meta."""
+    probe_size = 1024
+    copies = 0.0
+    accepted = inspect.signature(type(optimizer)).parameters
+    for group in optimizer.param_groups:
+        settings = {k: group[k] for k in optimizer.defaults if k in group and k in accepted and k != "params"}
+        if settings.get("fused"):
+            settings["fused"] = False  # the probe is on the CPU; a fused kernel keeps the same state
+        probe = torch.nn.Parameter(torch.zeros(probe_size))
+        try:
+            trial = type(optimizer)([probe], **settings)
+            probe.grad = torch.full_like(probe, 1e-3)
+            trial.step(lambda: torch.zeros(())) if isinstance(trial, torch.optim.LBFGS) else trial.step()
+        except Exception:  # noqa: BLE001 — a custom optimizer the probe cannot rebuild: unknown
+            return None
+        state = trial.state.get(probe, {})
+        copies = max(copies, sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor)
+                                 and v.numel() >= probe_size) / probe_size)
+    return copies
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -238,8 +238,8 @@ class StageMemory:
 
     - ``static``: the weights the stage holds (its blocks', and the copies of tied or shared weights it keeps),
       each tensor once and a TP-sharded one as its 1/tp slice, their gradients, and ``optimizer_states`` more
-      copies (2 for Adam's moments; 0 where the optimizer is unknown when the plan is made, as in the build
-      recipe, which makes the optimizer after the cut: then weights + gradients);
+      copies (2, Adam's moments, unless told: the build recipe passes what the strategy measured of the
+      user's optimizer, ``zero.weight_sized_states``, since the real one is made after the cut);
     - ``reserve``: the least activation memory the stage runs with. Recomputing (``memory_manager="none"``), as
       the schedule simulator models full recomputation under 1F1B: one micro-batch's saved bytes, rematerialised
       in its backward, plus the received inputs of the other micro-batches in flight (p - s on stage s, at most
@@ -249,7 +249,7 @@ class StageMemory:
     """
 
     def __init__(self, module: nn.Module, cap: Capture, num_stages: int, cut_bytes: dict[int, int], *,
-                 tp_plan: Any = None, optimizer_states: float = 0.0, memory_manager: str = "none",
+                 tp_plan: Any = None, optimizer_states: float = 2.0, memory_manager: str = "none",
                  num_microbatches: int | None = None) -> None:
         if not (isinstance(optimizer_states, (int, float)) and 0 <= optimizer_states < float("inf")):
             raise ValueError(f"optimizer_states={optimizer_states!r} must be a number >= 0 (copies of the weights "
@@ -297,7 +297,7 @@ class StageMemory:
 
 def plan_model(module: nn.Module, example_inputs: Any, num_stages: int,
                partition: str | list[str] = "auto", *, memory_budget: int | None = None, tp_plan: Any = None,
-               optimizer_states: float = 0.0, memory_manager: str = "none",
+               optimizer_states: float = 2.0, memory_manager: str = "none",
                num_microbatches: int | None = None) -> PartitionPlan:
     """Partition ``module`` (the pipelined module) into ``num_stages`` stages.
 

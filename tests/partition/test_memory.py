@@ -7,6 +7,7 @@ the module's own parameters and a brute force over every legal cut.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -20,6 +21,7 @@ from lightning_merak.pipeline.plan.recompute import ratios_for_budget
 from lightning_merak.pipeline.plan.simulate import with_ratios
 
 STAGES, MICRO = 3, 4
+_plan = functools.partial(plan_model, optimizer_states=0)  # plain SGD: weights + gradients
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +63,11 @@ def _legal_cuts(plan) -> list[list[int]]:
 
 def test_budget_moves_the_cut_to_the_least_compute_among_fitting_cuts(gpt):
     model, example = gpt
-    free = plan_model(model, example, STAGES, num_microbatches=MICRO)
+    free = _plan(model, example, STAGES, num_microbatches=MICRO)
     free_needs = _needs(free, model, free.cuts)
     # the compute-balanced cut does not fit; a tighter cut exists (checked by the brute force below)
     budget = max(free_needs) - 1
-    plan = plan_model(model, example, STAGES, memory_budget=budget, num_microbatches=MICRO)
+    plan = _plan(model, example, STAGES, memory_budget=budget, num_microbatches=MICRO)
     needs = _needs(plan, model, plan.cuts)
     assert plan.cuts != free.cuts and plan.compute_cuts == free.cuts
     assert [s.static for s in plan.stages] == [2 * _held(model, s.units) for s in plan.stages]
@@ -92,8 +94,8 @@ def test_budget_moves_the_cut_to_the_least_compute_among_fitting_cuts(gpt):
 
 def test_without_a_budget_the_cut_is_balanced_by_flops_alone(gpt):
     model, example = gpt
-    free = plan_model(model, example, STAGES)
-    roomy = plan_model(model, example, STAGES, memory_budget=10 * max(_needs(free, model, free.cuts)))
+    free = _plan(model, example, STAGES)
+    roomy = _plan(model, example, STAGES, memory_budget=10 * max(_needs(free, model, free.cuts)))
     assert free.cuts == roomy.cuts and roomy.compute_cuts is None and free.memory_budget is None
     assert _worst_compute(free, free.cuts) == min(_worst_compute(free, c) for c in _legal_cuts(free))
     assert "cuts moved" not in roomy.table() and "memory_budget" not in free.table()
@@ -101,32 +103,32 @@ def test_without_a_budget_the_cut_is_balanced_by_flops_alone(gpt):
 
 def test_impossible_budget_names_the_least_worst_stage(gpt):
     model, example = gpt
-    free = plan_model(model, example, STAGES, num_microbatches=MICRO)
+    free = _plan(model, example, STAGES, num_microbatches=MICRO)
     least = min(max(_needs(free, model, c)) for c in _legal_cuts(free))
     with pytest.raises(PartitionError) as err:
-        plan_model(model, example, STAGES, memory_budget=least - 1, num_microbatches=MICRO)
+        _plan(model, example, STAGES, memory_budget=least - 1, num_microbatches=MICRO)
     message = str(err.value)
     assert f"memory_budget={least - 1} bytes" in message and f"needs {least} bytes" in message, message
     assert "more pipeline stages" in message and "tensor parallelism" in message and "ZeRO" in message
-    assert plan_model(model, example, STAGES, memory_budget=least, num_microbatches=MICRO).stages
+    assert _plan(model, example, STAGES, memory_budget=least, num_microbatches=MICRO).stages
 
 
 def test_optimizer_state_and_delta_change_the_model(gpt):
     model, example = gpt
-    adam = plan_model(model, example, STAGES, memory_budget=10**9, optimizer_states=2)
+    adam = plan_model(model, example, STAGES, memory_budget=10**9)  # unless told: Adam's two moments
     assert [s.static for s in adam.stages] == [4 * _held(model, s.units) for s in adam.stages]
-    delta = plan_model(model, example, STAGES, memory_budget=10**9, memory_manager="delta")
+    delta = _plan(model, example, STAGES, memory_budget=10**9, memory_manager="delta")
     assert [s.reserve for s in delta.stages] == [0] * STAGES  # DELTA checks its own floor from measured sizes
     with pytest.raises(ValueError, match="optimizer_states=-1 must be a number >= 0"):
         plan_model(model, example, STAGES, optimizer_states=-1)
     with pytest.raises(ValueError, match="memory_budget=0 must be a whole number of bytes"):
-        plan_model(model, example, STAGES, memory_budget=0)
+        _plan(model, example, STAGES, memory_budget=0)
 
 
 def test_hand_written_partition_over_budget_is_kept_and_said(gpt):
     model, example = gpt
     with pytest.warns(UserWarning, match=r"does not fit memory_budget=.* stage 0 needs"):
-        plan = plan_model(model, example, STAGES, partition=["transformer.h.6", "transformer.h.7"],
+        plan = _plan(model, example, STAGES, partition=["transformer.h.6", "transformer.h.7"],
                           memory_budget=2 * _held(model, ["transformer.wte"]))
     assert plan.units[plan.cuts[0]] == "transformer.h.6"
 
@@ -136,7 +138,7 @@ def test_tensor_parallel_bytes_are_per_rank(gpt):
 
     model, example = gpt
     tp = tp_plan_for(model, 2, example)
-    plan = plan_model(model, example, STAGES, tp_plan=tp)
+    plan = _plan(model, example, STAGES, tp_plan=tp)
     styles = tp.styles
     for st in plan.stages:
         expected = {}
@@ -153,7 +155,8 @@ def test_two_stages_per_rank_share_the_device_budget(gpt):
     from lightning_merak.parallelize import plan_stages
 
     model, example = gpt
-    free = plan_model(model, example, 4)
+    free = _plan(model, example, 4)
     budget = 2 * max(s.static + s.reserve for s in free.stages) - 2
-    plan = plan_stages(model, example, (0, 1, 1, 0), "auto", budget)  # zero-bubble V: stages 0 and 3 on rank 0
+    # zero-bubble V: stages 0 and 3 on rank 0
+    plan = plan_stages(model, example, (0, 1, 1, 0), "auto", budget, optimizer_states=0)
     assert plan.memory_budget == budget // 2 and max(s.static + s.reserve for s in plan.stages) <= budget // 2

@@ -152,6 +152,8 @@ GROUPS: dict[str, Group] = {
         "variable_length": {"model": "gpt2", "strategy": _pipeline(2, "1f1b"), "steps": 4,
                             "module": {"variable_length": True}},
         "tied": {"model": "gpt2_tied", "strategy": _pipeline(2, "1f1b"), "trainer": {"gradient_clip_val": 0.5}},
+        "budget": {"model": "gpt2_tied", "strategy": _pipeline(2, "1f1b", "stage_aware", memory_budget="1GB"),
+                   "module": {"momentum": 0.9}},
         "clipped": {"model": "sequential", "strategy": _pipeline(2, "1f1b"), "trainer": {"gradient_clip_val": 0.05}},
         "auto": {"model": "gpt2", "steps": 4, "strategy": {
             "pipeline_parallel_size": 2, "num_microbatches": 4, "recompute": 0.5,
@@ -280,6 +282,16 @@ def test_dp2_pp2_equals_one_process(launched):
 
 
 @pytest.mark.multiprocess
+def test_memory_budget_counts_the_users_optimizer(launched):
+    """With a memory budget the cut is planned before the optimizer exists: the strategy measures the one
+    ``configure_optimizers`` makes (SGD with momentum: one weight-sized state) and the plan counts it per stage;
+    the run still equals one process."""
+    assert_matches(launched["budget"], run_reference("gpt2_tied", module={"momentum": 0.9}))
+    output = launched.output("budget")
+    assert "Merak memory_budget: SGD keeps 1 weight-sized state tensor(s) per parameter on each rank" in output
+    assert "memory_budget 953.7 MiB per device; per stage static + activation reserve" in output, output[-3000:]
+
+
 def test_tied_embeddings_across_stages_and_global_norm_clipping(launched):
     """GPT-2 with wte/lm_head tied: the two stages' copies get their gradients summed, so both stay equal to the
     one tied weight of one process; clipping by the global norm over the stages counts that weight once."""

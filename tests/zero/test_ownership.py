@@ -10,7 +10,7 @@ import torch
 
 from lightning_merak import MerakStrategy
 from lightning_merak.config import MerakConfig, MerakConfigError
-from lightning_merak.zero import ParameterOwnership, plan_buckets
+from lightning_merak.zero import ParameterOwnership, plan_buckets, weight_sized_states
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -56,3 +56,24 @@ def test_zero_stage_2_with_a_pipeline_is_refused():
 def test_zero_with_one_replica_warns_that_it_does_nothing():
     with pytest.warns(UserWarning, match="zero_stage=1 does nothing with data_parallel_size=1"):
         pl.Trainer(accelerator="cpu", devices=1, strategy=MerakStrategy(zero_stage=1), logger=False)
+
+
+def test_weight_sized_states_are_measured_on_a_probe():
+    """What the memory-aware partition counts per parameter, from the optimizer ``configure_optimizers`` made over
+    meta weights (nothing stepped on them): the same class steps a CPU probe once."""
+    meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    two_groups = torch.optim.SGD([{"params": meta[:1]}, {"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))],
+                                                          "momentum": 0.9}], lr=0.1)
+    cases = [(torch.optim.SGD(meta, lr=0.1), 0), (torch.optim.SGD(meta, lr=0.1, momentum=0.9), 1),
+             (torch.optim.AdamW(meta), 2), (torch.optim.Adam(meta, amsgrad=True), 3), (torch.optim.Adagrad(meta), 1),
+             (two_groups, 1)]
+    for optimizer, copies in cases:
+        before = {id(p): dict(st) for p, st in optimizer.state.items()}  # Adagrad makes its state at construction
+        assert weight_sized_states(optimizer) == copies, type(optimizer).__name__
+        assert {id(p): dict(st) for p, st in optimizer.state.items()} == before  # the user's one untouched
+
+    class Opaque(torch.optim.Optimizer):  # a constructor the probe cannot call: unknown, not guessed
+        def __init__(self, params, scale):
+            super().__init__(params, {"lr": 0.1})
+
+    assert weight_sized_states(Opaque(meta, scale=2)) is None
