@@ -18,7 +18,11 @@ Each runs in fresh launches, alternating. Two predictions stand beside each meas
 - the speed-up over the baseline that the FLOP model predicts from the same partition plans (FLOPs as costs, no
   communication): what ``auto`` decides the placement by, before any step;
 - the step time the simulator predicts from the stage times measured in step 1 of that run (the engine logs it
-  for every schedule; ``auto`` re-chooses by it): the simulator's own error, the cost model aside.
+  for every schedule; ``auto`` re-chooses by it): the simulator's own error, the cost model aside. The error is
+  taken per launch (its prediction against its own measured step), then the median over the rounds, so that
+  the machine's drift between launches does not count as the simulator's.
+
+Last, the defaults' median step against the fastest named configuration's.
 
     python -m benchmarks.schedules --rounds 2 --steps 10
 """
@@ -26,6 +30,7 @@ Each runs in fresh launches, alternating. Two predictions stand beside each meas
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -125,9 +130,14 @@ def main() -> None:
         measured = baseline / step
         flops = base_sim / predicted[name]
         sim = median_simulated(results[name])
-        sim_text = f"{sim:12.3f} {abs(step - sim) / step:9.1%}" if sim is not None else f"{'-':>12} {'-':>10}"
+        errors = [abs(r.step - r.simulated) / r.step for r in results[name] if r.simulated is not None]
+        sim_text = f"{sim:12.3f} {statistics.median(errors):9.1%}" if errors else f"{'-':>12} {'-':>10}"
         print(f"{name:<38} {step:8.3f} {measured:11.3f} {flops:13.3f} {abs(measured - flops) / flops:9.1%} "
               f"{sim_text}  {chosen.get(name, '')}")
+    named = [n for n in specs if not n.startswith("auto")]
+    best = min(named, key=lambda n: median_step(results[n]))
+    print(f"defaults / fastest named ({best}): {median_step(results[best]) / median_step(results['auto (defaults)']):.3f}"
+          " (median steps)")
 
 
 if __name__ == "__main__":
