@@ -286,8 +286,10 @@ class MerakStrategy(ParallelStrategy):
             rank_zero_info(f"Merak memory_budget: configure_optimizers could not run before the cut ({err}); the "
                            "partition assumes Adam's two weight-sized states per parameter")
             return None
+        if not optimizers:
+            return 0.0  # nothing to step: weights and gradients only
         copies = [weight_sized_states(unwrap_optimizer(o)) for o in optimizers]
-        if not copies or any(c is None for c in copies):
+        if any(c is None for c in copies):
             rank_zero_info("Merak memory_budget: the optimizer's state could not be measured; the partition "
                            "assumes Adam's two weight-sized states per parameter")
             return None
