@@ -293,7 +293,7 @@ class MerakStrategy(ParallelStrategy):
             rank_zero_info("Merak memory_budget: the optimizer's state could not be measured; the partition "
                            "assumes Adam's two weight-sized states per parameter")
             return None
-        states = sum(copies)  # several optimizers hold disjoint parameters: at most the sum per parameter
+        states = max(copies)  # several optimizers hold disjoint parameters: each parameter has one's state
         if self.config.zero_stage > 0:
             states /= self.sizes[0]  # sharded over the data-parallel replicas (one parameter's rounding aside)
         rank_zero_info(f"Merak memory_budget: {', '.join(type(unwrap_optimizer(o)).__name__ for o in optimizers)} "

@@ -333,7 +333,8 @@ class PipelineEngine:
         return probe.couples, probe.whole_loss, probe.micro_loss, unmergeable, probe.draws
 
     def end_step(self, global_step: int) -> dict[str, float]:
-        """After the optimizer step: "auto"'s re-choice once, and every stage's DELTA ledger as metrics."""
+        """After the optimizer step: once, the simulation from measured times ("auto" re-chooses by it), and every
+        stage's DELTA ledger as metrics."""
         if self.simulated_step is None and global_step >= AUTO_MEASURED_STEP and self._last_schedule is not None:
             self._measured(self._last_schedule, global_step)
         return self._memory_figures(self.delta.end_step()) if self.delta is not None else {}
