@@ -136,8 +136,8 @@ def main() -> None:
               f"{sim_text}  {chosen.get(name, '')}")
     named = [n for n in specs if not n.startswith("auto")]
     best = min(named, key=lambda n: median_step(results[n]))
-    print(f"defaults / fastest named ({best}): {median_step(results[best]) / median_step(results['auto (defaults)']):.3f}"
-          " (median steps)")
+    ratio = median_step(results[best]) / median_step(results["auto (defaults)"])
+    print(f"defaults / fastest named ({best}): {ratio:.3f} (median steps)")
 
 
 if __name__ == "__main__":

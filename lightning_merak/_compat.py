@@ -223,6 +223,11 @@ def tensor_parallel_mesh(module: torch.nn.Module) -> object | None:
     return next((p.device_mesh for p in module.parameters(recurse=False) if hasattr(p, "device_mesh")), None)
 
 
+def is_view_of_parameter(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a view of a parameter (nn.Linear saves its weight's transpose): it owns no memory."""
+    return isinstance(t._base, torch.nn.Parameter)
+
+
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (tensor parallel), or the tensor itself."""
     from torch.distributed.tensor import DTensor

@@ -4,8 +4,8 @@ Memory Optimizations Toward Training Trillion Parameter Models", SC 2020; DeepSp
 Each dp rank *owns* a share of every optimizer's parameters, whole tensors balanced by bytes
 (``ParameterOwnership``). Stage 1 all-reduces the gradients at the data-parallel sync point, as DDP does, so
 ``on_before_optimizer_step`` hooks and clipping see every averaged gradient; stage 2 reduce-scatters them (half
-the traffic of an all-reduce on NCCL; see ``_reduce_to_owners`` for gloo), so from the sync on a rank holds the gradients it owns and no others. Either way
-the user's own optimizer steps only the owned parameters: its ``step`` frees the other gradients just before
+the traffic of an all-reduce on NCCL; see ``_reduce_to_owners`` for gloo), so from the sync on a rank holds the
+gradients it owns and no others. Either way the user's own optimizer steps only the owned parameters: its ``step`` frees the other gradients just before
 the update (torch's optimizers skip a parameter whose ``grad`` is None), so its state exists only for the owned
 ones; afterwards the owners' new values are all-gathered. ``ReplicatedOptimizer`` is stage 0 (every replica
 steps everything) behind the same calls, so the strategy's hooks never branch on the stage.

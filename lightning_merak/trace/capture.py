@@ -31,6 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lightning_merak._compat import (
     has_forward_hooks,
     hook_free_memo,
+    is_view_of_parameter,
     tree_flatten,
     without_output_capturing_flag,
 )
@@ -279,7 +280,7 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, units: list[str], dev
     def pack(t: torch.Tensor) -> torch.Tensor:
         # bytes autograd keeps for backward, per block: the activation memory a micro-batch holds (a weight, or a
         # view of one such as the transpose nn.Linear saves, takes no memory of its own)
-        if cap.depth > 0 and not isinstance(t, nn.Parameter) and not isinstance(t._base, nn.Parameter):
+        if cap.depth > 0 and not isinstance(t, nn.Parameter) and not is_view_of_parameter(t):
             unit_saved[cap.current] += t.numel() * t.element_size()
         return t
 
